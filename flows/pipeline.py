@@ -1,0 +1,42 @@
+"""The merge pipeline: fetch → validate → merge → route-calibrate → evaluate → register."""
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from mergeme.config import load_config
+from mergeme.registry.store import connect
+from mergeme.workspace import workspace_root
+from tasks.calibrate import calibrate_routes
+from tasks.evaluate import evaluate_models
+from tasks.fetch import fetch_experts
+from tasks.merge import merge_experts
+from tasks.register import register_moe
+from tasks.validate import validate_checkpoints
+
+
+@flow(name="mergeme-pipeline", log_prints=True)
+def merge_pipeline(config_path: str, workspace: str | None = None) -> dict:
+    """Run every step for the config at ``config_path``; returns the steps' outputs."""
+    config = load_config(config_path)
+    root = workspace_root(workspace)
+    connect(config.registry.tracking_uri, root)
+    report_dir = root / "runs" / str(flow_run.get_id() or "local")
+
+    fetched = fetch_experts(config, root)
+    validation = validate_checkpoints(fetched, report_dir / "validation")
+    merged = merge_experts(config, fetched, root)
+    calibrated = calibrate_routes(config, merged, root)
+    evaluation = evaluate_models(config, calibrated, fetched, report_dir / "evaluation", root)
+    release = register_moe(
+        config, Path(config_path), root, fetched, validation, merged, calibrated, evaluation
+    )
+    return {
+        "fetched": fetched,
+        "validation": validation,
+        "merge": merged,
+        "calibration": calibrated,
+        "evaluation": evaluation,
+        "release": release,
+    }

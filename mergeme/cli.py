@@ -1,0 +1,117 @@
+"""The ``mergeme`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergeme.errors import MergemeError
+from mergeme.workspace import configure_environment
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+logger = logging.getLogger("mergeme")
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Pipeline config (YAML).")]
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace", "-w", help="Folder for everything a run writes.", show_default=False
+    ),
+]
+
+
+def _setup(workspace: Path | None) -> Path:
+    root = configure_environment(workspace, override=workspace is not None)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return root
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+@app.command()
+def run(config: ConfigOption, workspace: WorkspaceOption = None) -> None:
+    """Run the whole pipeline (a Prefect flow) and print the eval table and the release."""
+    root = _setup(workspace)
+    from flows.pipeline import merge_pipeline
+    from mergeme.report import format_eval_table, format_release
+
+    try:
+        result = merge_pipeline(str(config.resolve()), str(root))
+    except MergemeError as error:
+        _fail(error)
+    typer.echo(format_eval_table(result["evaluation"]))
+    typer.echo(format_release(result["release"]))
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="Pipeline config (YAML).")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the MoE checkpoint.")],
+    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Fetch the experts and build the MoE checkpoint at OUT (no calibration, no registry)."""
+    root = _setup(workspace)
+    from mergeme.checkpoint import Checkpoint
+    from mergeme.config import load_config
+    from mergeme.merge.moe_builder import build_moe
+    from mergeme.pipeline import fetch_step
+    from mergeme.registry.store import connect
+
+    try:
+        settings = load_config(config)
+        connect(settings.registry.tracking_uri, root)
+        fetched = fetch_step(settings, root)
+        checkpoints = [Checkpoint(item["path"], name=item["name"]) for item in fetched]
+        report = build_moe(checkpoints[0], checkpoints[1:], out, settings.merge, overwrite)
+    except (MergemeError, FileExistsError) as error:
+        _fail(error)
+    typer.echo(json.dumps(report.__dict__, indent=2))
+
+
+@app.command()
+def validate(config: ConfigOption, workspace: WorkspaceOption = None) -> None:
+    """Run the validation checks alone; exit 1 with every problem listed if any is found."""
+    root = _setup(workspace)
+    from mergeme.config import load_config
+    from mergeme.pipeline import fetch_step, validate_step
+    from mergeme.registry.store import connect
+
+    try:
+        settings = load_config(config)
+        connect(settings.registry.tracking_uri, root)
+        fetched = fetch_step(settings, root)
+        report = validate_step(fetched, root / "validation")
+    except MergemeError as error:
+        _fail(error)
+    typer.echo(f"valid: {len(fetched)} checkpoints; report in {report['stats_csv']}")
+
+
+@app.command("register-checkpoint")
+def register_checkpoint(
+    path: Annotated[Path, typer.Argument(help="A dense checkpoint folder.")],
+    name: Annotated[str, typer.Option(help="Registered model name.")],
+    alias: Annotated[str, typer.Option(help="Alias to point at the version.")] = "current",
+    experiment: str = "mergeme-checkpoints",
+    tracking_uri: str | None = None,
+    workspace: WorkspaceOption = None,
+) -> None:
+    """Register a dense checkpoint in MLflow (a no-op if its weights are already registered)."""
+    root = _setup(workspace)
+    from mergeme.registry.checkpoints import register_dense_checkpoint
+    from mergeme.registry.store import connect
+
+    connect(tracking_uri, root)
+    try:
+        version, created = register_dense_checkpoint(path, name, alias, experiment, root)
+    except MergemeError as error:
+        _fail(error)
+    state = "registered" if created else "already registered"
+    typer.echo(f"{name} version {version} {state} (alias {alias})")

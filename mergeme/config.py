@@ -1,0 +1,198 @@
+"""The pipeline configuration: a typed schema, validated as a whole.
+
+Every mode is a ``Literal``; unknown keys are refused; all errors are reported at once, each
+naming its key. Relative paths resolve against the folder of the config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mergeme.errors import ConfigError
+
+TrunkMethodName = Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+RouterMethodName = Literal["centroid", "random"]
+DTypeName = Literal["float32", "bfloat16", "float16"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LocalSource(StrictModel):
+    """A checkpoint folder on this machine."""
+
+    kind: Literal["local"] = "local"
+    path: Path
+
+
+class HuggingFaceSource(StrictModel):
+    """A Hugging Face Hub repository at a pinned revision (resolved through the local cache
+    when ``offline`` is set)."""
+
+    kind: Literal["huggingface"] = "huggingface"
+    repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    revision: str = Field(min_length=1, description="A commit hash, tag or branch; pin a hash.")
+    cache_dir: Path | None = None
+    offline: bool = True
+
+
+class MlflowSource(StrictModel):
+    """A registered MLflow model: ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
+
+    kind: Literal["mlflow"] = "mlflow"
+    uri: str = Field(pattern=r"^models:/[^/@]+(/\d+|@[\w-]+)$")
+
+
+Source = Annotated[LocalSource | HuggingFaceSource | MlflowSource, Field(discriminator="kind")]
+
+
+class ExpertConfig(StrictModel):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Short unique expert name.")
+    domain: str = Field(min_length=1, description="The data domain this expert is trained on.")
+    source: Source
+
+
+class BaseModelConfig(StrictModel):
+    name: str = "base"
+    source: Source
+
+
+class MergeConfig(StrictModel):
+    trunk_method: TrunkMethodName = "average"
+    density: float = Field(0.8, gt=0.0, le=1.0, description="Share of each task vector kept.")
+    scale: float = Field(1 / 3, gt=0.0, description="λ multiplying the merged task vector.")
+    ties_agreement: Literal["sum", "mean"] = "sum"
+    expert_weights: list[float] | None = None
+    seed: int = 0
+    experts_per_token: int = Field(2, ge=1)
+    output_dtype: DTypeName = "float32"
+    max_shard_size: int = Field(2 * 1024**3, ge=1024, description="Bytes per output shard.")
+
+
+class RouterConfig(StrictModel):
+    method: RouterMethodName = "centroid"
+    max_texts_per_domain: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=8, description="Tokens per calibration text.")
+    seed: int = 0
+
+
+class DataConfig(StrictModel):
+    root: Path = Field(description="Folder with <domain>/<split>.jsonl files.")
+    calibration_split: str = "calibration"
+    eval_split: str = "eval"
+    dvc_lock: Path | None = Field(None, description="dvc.lock whose md5s identify the data.")
+    dvc_stage: str = "data"
+
+
+class EvaluateConfig(StrictModel):
+    max_texts_per_domain: int = Field(64, ge=1)
+    max_length: int = Field(128, ge=8)
+    batch_size: int = Field(8, ge=1)
+
+
+class RegistryConfig(StrictModel):
+    model_name: str = Field(pattern=r"^[\w.-]+$")
+    experiment: str = "mergeme"
+    alias: str = Field("candidate", pattern=r"^[A-Za-z][\w-]*$")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: a sqlite store in the workspace."
+    )
+
+
+class PipelineConfig(StrictModel):
+    """A whole pipeline run: which experts, how to merge and route, which data, where to
+    register."""
+
+    base: BaseModelConfig
+    experts: list[ExpertConfig] = Field(min_length=2)
+    merge: MergeConfig = MergeConfig()
+    router: RouterConfig = RouterConfig()
+    data: DataConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> PipelineConfig:
+        problems = []
+        names = [expert.name for expert in self.experts]
+        if len(set(names)) != len(names):
+            problems.append(f"experts: names must be unique, got {names}")
+        weights = self.merge.expert_weights
+        if weights is not None and len(weights) != len(self.experts):
+            problems.append(
+                f"merge.expert_weights: {len(weights)} weights for {len(self.experts)} experts; "
+                "give one weight per expert or remove the key"
+            )
+        if self.merge.experts_per_token > len(self.experts):
+            problems.append(
+                f"merge.experts_per_token: {self.merge.experts_per_token} is more than the "
+                f"{len(self.experts)} experts; set it to at most {len(self.experts)}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def domains(self) -> list[str]:
+        return sorted({expert.domain for expert in self.experts})
+
+
+def _resolve_paths(raw: object, root: Path, key: str = "") -> object:
+    """Resolve relative paths of path-like keys against ``root`` (the config's folder)."""
+    path_keys = {"path", "root", "dvc_lock", "cache_dir"}
+    if isinstance(raw, dict):
+        return {
+            k: (
+                str((root / v).resolve())
+                if k in path_keys and isinstance(v, str)
+                else _resolve_paths(v, root, k)
+            )
+            for k, v in raw.items()
+        }
+    if isinstance(raw, list):
+        return [_resolve_paths(item, root, key) for item in raw]
+    return raw
+
+
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {error.error_count()} problem(s) in the configuration:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling"
+        elif item["type"] == "missing":
+            message = "required key is missing; add it"
+        lines.append(f"  - {key}: {message}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path, base_dir: Path | None = None) -> PipelineConfig:
+    """Load and validate a pipeline config file.
+
+    Relative paths in it resolve against ``base_dir`` (default: the repository root if the
+    file is in ``configs/``, else the file's own folder).
+
+    Raises:
+        ConfigError: the file is missing, is not YAML, or fails validation (all problems listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    if base_dir is None:
+        folder = path.resolve().parent
+        base_dir = folder.parent if folder.name == "configs" else folder
+    try:
+        return PipelineConfig.model_validate(_resolve_paths(raw, base_dir))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from exc

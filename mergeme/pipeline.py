@@ -1,0 +1,198 @@
+"""The pipeline's steps as plain functions: fetch, validate, merge, calibrate, evaluate,
+register. Each takes the config and earlier steps' outputs (JSON-ready dicts) and returns
+its own; ``flows/`` and ``tasks/`` only orchestrate them.
+
+Merged and calibrated checkpoints live in the workspace under a key derived from the content
+of everything that produced them, so a repeated step finds its finished output and reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from mergeme.checkpoint import Checkpoint
+from mergeme.config import PipelineConfig
+from mergeme.data import dvc_output_md5s, load_texts
+from mergeme.evaluate import load_causal_lm, routing_shares, score_domains
+from mergeme.fetch import fetch_checkpoint
+from mergeme.merge.moe_builder import build_moe
+from mergeme.registry.lineage import git_revision, lineage_tags
+from mergeme.registry.release import register_release
+from mergeme.routing.calibrate import calibrate_routers
+from mergeme.validation.checkpoints import ValidationFailed, validate_checkpoints
+
+logger = logging.getLogger(__name__)
+
+
+def content_key(*parts: object) -> str:
+    """A short stable hash of JSON-serialisable parts."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fetch_step(config: PipelineConfig, workspace: Path) -> list[dict]:
+    """Resolve the base and every expert to a local folder with its content hash."""
+    fetched = [fetch_checkpoint(config.base.name, "base", None, config.base.source, workspace)]
+    for expert in config.experts:
+        fetched.append(
+            fetch_checkpoint(expert.name, "expert", expert.domain, expert.source, workspace)
+        )
+    return [asdict(item) for item in fetched]
+
+
+def validate_step(fetched: list[dict], report_dir: Path) -> dict:
+    """Validate every checkpoint; raises ValidationFailed (with the saved report) on problems."""
+    base = next(item for item in fetched if item["role"] == "base")
+    experts = {item["name"]: Path(item["path"]) for item in fetched if item["role"] == "expert"}
+    report = validate_checkpoints((base["name"], Path(base["path"])), experts, report_dir)
+    if not report.success:
+        raise ValidationFailed(report)
+    return asdict(report)
+
+
+def merge_step(config: PipelineConfig, fetched: list[dict], workspace: Path) -> dict:
+    """Build the MoE (or reuse the one already built from the same inputs and settings)."""
+    key = content_key(
+        [(item["name"], item["content_hash"]) for item in fetched], config.merge.model_dump()
+    )
+    out = workspace / "merges" / key
+    report_file = out / "mergeme_merge.json"
+    if report_file.is_file():
+        logger.info("reusing merged checkpoint %s", out)
+        return {**json.loads(report_file.read_text()), "key": key}
+    base_item = next(item for item in fetched if item["role"] == "base")
+    base = Checkpoint(base_item["path"], name=base_item["name"])
+    experts = [
+        Checkpoint(item["path"], name=item["name"]) for item in fetched if item["role"] == "expert"
+    ]
+    try:
+        report = build_moe(base, experts, out, config.merge)
+    finally:
+        for checkpoint in [base, *experts]:
+            checkpoint.close()
+    return {**asdict(report), "key": key}
+
+
+def _texts_by_domain(
+    config: PipelineConfig, split: str, limit: int, workspace: Path
+) -> dict[str, list[str]]:
+    cache = workspace / "huggingface" / "datasets"
+    return {
+        domain: load_texts(config.data.root, domain, split, cache, limit)
+        for domain in config.domains()
+    }
+
+
+def data_md5(config: PipelineConfig) -> dict[str, str]:
+    if config.data.dvc_lock is None:
+        return {}
+    return dvc_output_md5s(config.data.dvc_lock, config.data.dvc_stage)
+
+
+def calibrate_step(config: PipelineConfig, merged: dict, workspace: Path) -> dict:
+    """Set the routers from the calibration split (or reuse an identical earlier result)."""
+    texts = _texts_by_domain(
+        config, config.data.calibration_split, config.router.max_texts_per_domain, workspace
+    )
+    key = content_key(merged["key"], config.router.model_dump(), texts)
+    out = workspace / "calibrated" / key
+    report_file = out / "mergeme_router.json"
+    if report_file.is_file():
+        logger.info("reusing calibrated checkpoint %s", out)
+        return {**json.loads(report_file.read_text()), "key": key}
+    texts_per_expert = [texts[expert.domain] for expert in config.experts]
+    report = calibrate_routers(Path(merged["output"]), out, texts_per_expert, config.router)
+    return {**asdict(report), "key": key}
+
+
+def evaluate_step(
+    config: PipelineConfig,
+    calibrated: dict,
+    fetched: list[dict],
+    report_dir: Path,
+    workspace: Path,
+) -> dict:
+    """Per-domain loss and perplexity of the MoE, the base and every expert; the MoE's routing
+    shares. Writes ``eval_table.csv`` and ``routing_shares.csv`` into ``report_dir``."""
+    import pandas as pd
+
+    settings = config.evaluate
+    texts = _texts_by_domain(
+        config, config.data.eval_split, settings.max_texts_per_domain, workspace
+    )
+    candidates = {"moe": Path(calibrated["output"])}
+    candidates.update({item["name"]: Path(item["path"]) for item in fetched})
+    rows, shares = [], {}
+    for name, path in candidates.items():
+        model, tokenizer = load_causal_lm(path)
+        scores = score_domains(
+            model, tokenizer, name, texts, settings.max_length, settings.batch_size
+        )
+        rows += [asdict(score) for score in scores]
+        if name == "moe":
+            shares = routing_shares(
+                model, tokenizer, texts, settings.max_length, settings.batch_size
+            )
+        del model
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(rows)
+    table.to_csv(report_dir / "eval_table.csv", index=False)
+    expert_names = [expert.name for expert in config.experts]
+    share_table = pd.DataFrame(shares, index=expert_names).T.rename_axis("domain")
+    share_table.to_csv(report_dir / "routing_shares.csv")
+    metrics = {f"eval_loss.{r['model']}.{r['domain']}": r["loss"] for r in rows}
+    metrics |= {f"eval_perplexity.{r['model']}.{r['domain']}": r["perplexity"] for r in rows}
+    for domain, row in shares.items():
+        metrics |= {f"routing_share.{domain}.{e}": s for e, s in zip(expert_names, row)}
+    return {
+        "rows": rows,
+        "routing_shares": shares,
+        "experts": expert_names,
+        "metrics": metrics,
+        "files": [str(report_dir / "eval_table.csv"), str(report_dir / "routing_shares.csv")],
+    }
+
+
+def register_step(
+    config: PipelineConfig,
+    config_path: Path,
+    workspace: Path,
+    fetched: list[dict],
+    validation: dict,
+    merged: dict,
+    calibrated: dict,
+    evaluation: dict,
+    flow_run_id: str | None,
+) -> dict:
+    """Log the run and register the MoE as a new version with its lineage and alias."""
+    tags = lineage_tags(
+        fetched,
+        merged,
+        {"method": config.router.method, "settings": config.router.model_dump()},
+        data_md5(config),
+        git_revision(Path(config_path).resolve().parent),
+        flow_run_id,
+    )
+    artifacts = [Path(config_path), *map(Path, evaluation["files"])]
+    evidence = (validation["stats_csv"], validation["gx_result_json"], validation["docs_index"])
+    artifacts += [Path(p) for p in evidence[:2] if p]
+    if evidence[2]:
+        artifacts.append(Path(evidence[2]).parent)  # the Data Docs site folder
+    release = register_release(
+        workspace=workspace,
+        experiment=config.registry.experiment,
+        model_name=config.registry.model_name,
+        alias=config.registry.alias,
+        checkpoint=Path(calibrated["output"]),
+        params=json.loads(config.model_dump_json()),
+        metrics=evaluation["metrics"],
+        artifacts=artifacts,
+        tags=tags,
+        run_name=f"{config.registry.model_name}-{flow_run_id or 'local'}",
+    )
+    return {**asdict(release), "tags": tags}

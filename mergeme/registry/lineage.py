@@ -1,0 +1,57 @@
+"""Lineage: the facts that say what produced a release, as flat MLflow tags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+
+def git_revision(folder: Path) -> str:
+    """The commit checked out in ``folder`` (``+dirty`` if it has uncommitted changes), or
+    ``unknown`` outside a git repository."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+dirty" if dirty else commit
+
+
+def lineage_tags(
+    fetched: list[dict],
+    merge: dict,
+    router: dict,
+    data_md5: dict[str, str],
+    code_revision: str,
+    flow_run_id: str | None,
+) -> dict[str, str]:
+    """Flat ``mergeme.*`` tags from the pipeline's step outputs."""
+    tags = {
+        "mergeme.trunk_method": merge["trunk_method"],
+        "mergeme.trunk_parameters": json.dumps(merge["trunk_parameters"], sort_keys=True),
+        "mergeme.architecture": merge["architecture"],
+        "mergeme.experts_per_token": str(merge["experts_per_token"]),
+        "mergeme.router_method": router["method"],
+        "mergeme.router_settings": json.dumps(router["settings"], sort_keys=True),
+        "mergeme.data_md5": json.dumps(data_md5, sort_keys=True),
+        "mergeme.code_revision": code_revision,
+        "mergeme.prefect_flow_run_id": flow_run_id or "none",
+        "mergeme.experts": ",".join(item["name"] for item in fetched if item["role"] == "expert"),
+    }
+    for item in fetched:
+        prefix = f"mergeme.{item['role']}.{item['name']}"
+        tags[f"{prefix}.source"] = item["source"]
+        tags[f"{prefix}.resolved"] = item["resolved"]
+        tags[f"{prefix}.content_hash"] = item["content_hash"]
+        if item.get("domain"):
+            tags[f"{prefix}.domain"] = item["domain"]
+    return tags

@@ -1,0 +1,75 @@
+"""Register step: one MLflow run per pipeline run, and the MoE as a new registered version.
+
+The version is created with all its lineage tags in one call; if anything fails after it
+exists (the alias), the version is deleted again, so no half-registered release remains.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeme.registry.store import ensure_experiment, log_checkpoint_model, register_version
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Release:
+    model_name: str
+    version: str
+    alias: str | None
+    run_id: str
+    model_uri: str
+
+
+def flatten(prefix: str, value: object) -> dict[str, str]:
+    """Nested dicts as dotted MLflow param keys."""
+    if isinstance(value, dict):
+        flat: dict[str, str] = {}
+        for key, item in value.items():
+            flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
+        return flat
+    return {prefix: str(value)}
+
+
+def register_release(
+    *,
+    workspace: Path,
+    experiment: str,
+    model_name: str,
+    alias: str | None,
+    checkpoint: Path,
+    params: dict,
+    metrics: dict[str, float],
+    artifacts: list[Path],
+    tags: dict[str, str],
+    run_name: str | None = None,
+) -> Release:
+    """Log a run (params, metrics, artifacts, tags) and register ``checkpoint`` as a new
+    version of ``model_name`` tagged with ``tags``; point ``alias`` at it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    experiment_id = ensure_experiment(experiment, workspace)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+        mlflow.log_params(flatten("", params))
+        mlflow.log_metrics(metrics)
+        mlflow.set_tags(tags)
+        for artifact in artifacts:
+            if artifact.is_dir():
+                mlflow.log_artifacts(str(artifact), artifact_path=artifact.name)
+            else:
+                mlflow.log_artifact(str(artifact))
+        info = log_checkpoint_model(checkpoint)
+        version = register_version(model_name, info.model_uri, run.info.run_id, tags, None)
+        try:
+            if alias:
+                MlflowClient().set_registered_model_alias(model_name, alias, version)
+            mlflow.set_tag("mergeme.registered_version", f"{model_name}/{version}")
+        except BaseException:
+            MlflowClient().delete_model_version(model_name, version)
+            raise
+    logger.info("registered %s version %s (alias %s)", model_name, version, alias)
+    return Release(model_name, version, alias, run.info.run_id, info.model_uri)

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers, one file per pipeline step, around ``mergeme.pipeline``."""

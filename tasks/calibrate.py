@@ -1,0 +1,12 @@
+from pathlib import Path
+
+from prefect import task
+
+from mergeme.config import PipelineConfig
+from mergeme.pipeline import calibrate_step
+
+
+@task(name="route-calibrate")
+def calibrate_routes(config: PipelineConfig, merged: dict, workspace: Path) -> dict:
+    """Set the MoE's routers from the calibration split."""
+    return calibrate_step(config, merged, workspace)

@@ -1,0 +1,12 @@
+from pathlib import Path
+
+from prefect import task
+
+from mergeme.config import PipelineConfig
+from mergeme.pipeline import merge_step
+
+
+@task(name="merge")
+def merge_experts(config: PipelineConfig, fetched: list[dict], workspace: Path) -> dict:
+    """Build the MoE checkpoint from the validated experts."""
+    return merge_step(config, fetched, workspace)

@@ -1,0 +1,139 @@
+"""The Mixtral output: parity with the dense model, a hand-routed reference, clean loading."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mergeme.checkpoint import Checkpoint
+from mergeme.config import MergeConfig
+from mergeme.errors import CheckpointError, UnsupportedArchitectureError
+from mergeme.merge.moe_builder import build_moe
+from tests.factories import perturbed, random_llama, tiny_llama_config
+
+
+def _save(model, folder):
+    model.save_pretrained(folder)
+    return Checkpoint(folder)
+
+
+def _load(folder):
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, output_loading_info=True
+    )
+    return model.eval(), info
+
+
+def test_identical_experts_reproduce_the_dense_model(tmp_path):
+    dense = random_llama(tiny_llama_config(), seed=1)
+    checkpoint = _save(dense, tmp_path / "dense")
+    copies = [Checkpoint(tmp_path / "dense", name=f"copy{i}") for i in range(3)]
+
+    build_moe(checkpoint, copies, tmp_path / "moe", MergeConfig(trunk_method="average"))
+    moe, info = _load(tmp_path / "moe")
+
+    assert type(moe).__name__ == "MixtralForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _reference_logits(dense_models, moe, ids, top_k):
+    """Run the MoE by hand: merged trunk from the MoE, each expert's FFN from its own dense
+    model, routing computed here from the MoE's router weights."""
+    base = moe.model
+    hidden = base.embed_tokens(ids)  # (batch, tokens, hidden)
+    positions = torch.arange(ids.shape[1]).unsqueeze(0)
+    position_embeddings = base.rotary_emb(hidden, positions)
+    mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
+    for index, layer in enumerate(base.layers):
+        attn_in = layer.input_layernorm(hidden)
+        attn_out, _ = layer.self_attn(attn_in, position_embeddings, mask)
+        hidden = hidden + attn_out
+        normed = layer.post_attention_layernorm(hidden)  # (batch, tokens, hidden)
+        logits = normed @ layer.mlp.gate.weight.T  # (batch, tokens, experts)
+        probs = logits.softmax(-1)
+        top, chosen = probs.topk(top_k, dim=-1)
+        top = top / top.sum(-1, keepdim=True)
+        mixed = torch.zeros_like(hidden)
+        for slot in range(top_k):
+            for expert, dense in enumerate(dense_models):
+                ffn_out = dense.model.layers[index].mlp(normed)
+                picked = (chosen[..., slot] == expert).unsqueeze(-1)
+                mixed = mixed + picked * top[..., slot : slot + 1] * ffn_out
+        hidden = hidden + mixed
+    return moe.lm_head(base.norm(hidden))
+
+
+def test_distinct_experts_match_a_hand_routed_reference(tmp_path):
+    base_model = random_llama(tiny_llama_config(), seed=2)
+    experts = [perturbed(base_model, seed=20 + i, scale=0.2) for i in range(3)]
+    base = _save(base_model, tmp_path / "base")
+    checkpoints = [_save(m, tmp_path / f"e{i}") for i, m in enumerate(experts)]
+
+    build_moe(base, checkpoints, tmp_path / "moe", MergeConfig(trunk_method="average", seed=5))
+    moe, _ = _load(tmp_path / "moe")
+
+    # the trunk is the plain average of the experts
+    expected_q = torch.stack([m.model.layers[1].self_attn.q_proj.weight for m in experts]).mean(0)
+    torch.testing.assert_close(moe.model.layers[1].self_attn.q_proj.weight, expected_q)
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = _reference_logits(experts, moe, ids, top_k=2)
+        torch.testing.assert_close(moe(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_output_is_sharded_with_an_index_and_the_config_carries_over(tmp_path):
+    dense = random_llama(tiny_llama_config(tie_word_embeddings=True), seed=3)
+    checkpoint = _save(dense, tmp_path / "dense")
+    settings = MergeConfig(max_shard_size=20_000, experts_per_token=1, output_dtype="bfloat16")
+
+    build_moe(checkpoint, [checkpoint, checkpoint], tmp_path / "moe", settings)
+
+    index = json.loads((tmp_path / "moe" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["num_local_experts"] == 2 and config["num_experts_per_tok"] == 1
+    assert config["tie_word_embeddings"] is True
+    assert config["rope_parameters"] == dense.config.rope_parameters
+    moe, info = _load(tmp_path / "moe")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_a_failed_merge_leaves_no_output_folder(tmp_path, monkeypatch):
+    dense = random_llama(tiny_llama_config(), seed=4)
+    checkpoint = _save(dense, tmp_path / "dense")
+
+    calls = {"count": 0}
+    original = Checkpoint.get
+
+    def failing_get(self, name):
+        calls["count"] += 1
+        if calls["count"] == 5:
+            raise KeyboardInterrupt  # a Ctrl-C in the middle of the merge
+        return original(self, name)
+
+    monkeypatch.setattr(Checkpoint, "get", failing_get)
+    with pytest.raises(KeyboardInterrupt):
+        build_moe(checkpoint, [checkpoint, checkpoint], tmp_path / "moe", MergeConfig())
+    assert list(tmp_path.iterdir()) == [tmp_path / "dense"]
+
+
+def test_an_expert_with_other_shapes_is_refused_naming_the_tensor(tmp_path):
+    base = _save(random_llama(tiny_llama_config(), seed=5), tmp_path / "base")
+    wide = _save(random_llama(tiny_llama_config(intermediate_size=48), seed=6), tmp_path / "wide")
+
+    with pytest.raises(CheckpointError, match=r"'wide'.*mlp\.(down|gate|up)_proj"):
+        build_moe(base, [base, wide], tmp_path / "moe", MergeConfig())
+    assert not (tmp_path / "moe").exists()
+
+
+def test_an_unsupported_architecture_is_refused_listing_the_supported(tmp_path):
+    base = _save(random_llama(tiny_llama_config(attention_bias=True), seed=7), tmp_path / "b")
+
+    with pytest.raises(UnsupportedArchitectureError, match="attention_bias.*Supported: llama"):
+        build_moe(base, [base, base], tmp_path / "moe", MergeConfig())
