@@ -19,6 +19,12 @@ import pytest  # noqa: E402
 from tests.factories import TinyFamily, build_tiny_family  # noqa: E402
 
 
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    shutil.rmtree(_SESSION_WORKSPACE, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def session_workspace() -> Path:
     return _SESSION_WORKSPACE
