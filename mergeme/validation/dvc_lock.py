@@ -40,6 +40,13 @@ def dvc_dir_md5(folder: Path) -> str:
     return hashlib.md5(listing.encode("utf-8")).hexdigest() + ".dir"
 
 
+def _local_md5(path: Path) -> str | None:
+    """DVC's md5 of a file or directory output as it is now; None when it does not exist."""
+    if path.is_dir():
+        return dvc_dir_md5(path)
+    return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def _changed_files(repo, out_path: Path, md5: str) -> list[str]:
     """Files under ``out_path`` added, removed or modified since the lock (empty when DVC's
     cache holds no listing to compare with)."""
@@ -63,11 +70,21 @@ def uncommitted_data_problems(dvc_lock: Path, stage: str, allow_uncommitted: boo
         return [Problem("data_missing", str(exc))]
     root = Path(dvc_lock).resolve().parent
     with Repo(str(root)) as repo:
-        status = repo.status(targets=[stage])
+        # a bare stage name would be looked up from the current directory, not the repo's
+        status = repo.status(targets=[f"{root / 'dvc.yaml'}:{stage}"])
         changed: dict[str, str] = {}
-        for entry in status.get(stage, []):
-            if isinstance(entry, dict):
-                changed.update(entry.get("changed outs", {}))
+        for entries in status.values():
+            for entry in entries:
+                if isinstance(entry, dict):
+                    changed.update(entry.get("changed outs", {}))
+        # "not in cache" hides whether the files changed (DVC compares nothing without its
+        # cache copy): recompute the md5 DVC's way and compare with the lock ourselves
+        for out, state in list(changed.items()):
+            if state == "not in cache":
+                if _local_md5(root / out) == recorded.get(out):
+                    del changed[out]
+                else:
+                    changed[out] = "modified"
         problems = []
         for out, state in sorted(changed.items()):
             files = _changed_files(repo, root / out, recorded.get(out, ""))
