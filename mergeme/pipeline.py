@@ -196,6 +196,10 @@ def register_step(
     artifacts += [Path(p) for p in evidence[:2] if p]
     if evidence[2]:
         artifacts.append(Path(evidence[2]).parent)  # the Data Docs site folder
+    # the data suite's evidence, when the step validated the data too
+    artifacts += [Path(p) for p in (validation.get("data_gx_result_json"),) if p]
+    if validation.get("data_docs_index"):
+        artifacts.append(Path(validation["data_docs_index"]).parent)
     release = register_release(
         workspace=workspace,
         experiment=config.registry.experiment,

@@ -16,6 +16,8 @@ import logging
 import math
 from pathlib import Path
 
+import torch
+
 from mergeme.checkpoint import Checkpoint
 from mergeme.validation.files import CheckpointInventory
 from mergeme.validation.problems import Problem
@@ -117,8 +119,10 @@ def relative_task_vector(base: Checkpoint, expert: Checkpoint) -> float:
             continue
         theta_b = base.get(name).double()  # [out, in]
         theta_e = expert.get(name).double()  # [out, in]
-        difference += float((theta_e - theta_b).square().sum())
-        reference += float(theta_b.square().sum())
+        # a NaN or Inf is reported by the statistics suite; it must not decide this measure
+        finite = torch.isfinite(theta_b) & torch.isfinite(theta_e)  # [out, in]
+        difference += float((theta_e - theta_b)[finite].square().sum())
+        reference += float(theta_b[finite].square().sum())
     return math.sqrt(difference / reference) if reference > 0 else math.inf
 
 

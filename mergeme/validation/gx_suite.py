@@ -164,7 +164,7 @@ def _validate_with_docs(
         )
     )
     checkpoint_result = checkpoint.run(batch_parameters={"dataframe": table})
-    context.build_data_docs(site_names=[site_name])
+    # the update-docs action has already built the site, index included
     (result,) = checkpoint_result.run_results.values()
     return result
 
