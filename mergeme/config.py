@@ -176,7 +176,7 @@ def _resolve_paths(raw: object, root: Path, key: str = "") -> object:
     if isinstance(raw, dict):
         return {
             k: (
-                str((root / v).resolve())
+                str((root / Path(v).expanduser()).resolve())
                 if k in path_keys and isinstance(v, str)
                 else _resolve_paths(v, root, k)
             )
@@ -185,6 +185,20 @@ def _resolve_paths(raw: object, root: Path, key: str = "") -> object:
     if isinstance(raw, list):
         return [_resolve_paths(item, root, key) for item in raw]
     return raw
+
+
+# what to write instead, for the common wrong-type errors (the value itself is not echoed:
+# it may be a secret)
+TYPE_FIXES = {
+    "int_parsing": "write a whole number",
+    "int_from_float": "write a whole number",
+    "float_parsing": "write a number",
+    "bool_parsing": "write true or false",
+    "string_type": "write a quoted string",
+    "list_type": "write a list ([a, b])",
+    "model_type": "write a mapping of keys",
+    "dict_type": "write a mapping of keys",
+}
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
@@ -196,6 +210,8 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             message = "unknown key; remove it or check its spelling"
         elif item["type"] == "missing":
             message = "required key is missing; add it"
+        elif item["type"] in TYPE_FIXES:
+            message = f"{message}; {TYPE_FIXES[item['type']]}"
         lines.append(f"  - {key}: {message}")
     return "\n".join(lines)
 

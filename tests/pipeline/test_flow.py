@@ -90,6 +90,6 @@ def test_validation_failure_stops_the_flow_before_the_merge(
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"not a checkpoint")
     config_path.write_text(yaml.safe_dump(config))
 
-    with pytest.raises(ValidationFailed, match="code: .*config.json is missing"):
+    with pytest.raises(ValidationFailed, match="'code': .*config.json is missing"):
         merge_pipeline(str(config_path), str(tmp_path / "workspace"))
     assert not (tmp_path / "workspace" / "merges").exists()
