@@ -76,3 +76,19 @@ def test_the_whole_step_accepts_the_tiny_family_and_its_data(tiny_family, dvc_pr
     assert report.success, report.problems
     for evidence in (report.docs_index, report.data_docs_index, report.data_gx_result_json):
         assert evidence and Path(evidence).is_file()
+
+
+def test_a_sound_sharded_checkpoint_lists_the_same_tensors(tiny_family, tmp_path):
+    from tests.validation.corpus import shard
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_family.experts["math"], folder)
+    single = inspect_checkpoint("math", folder)
+    shard(folder)
+    sharded = inspect_checkpoint("math", folder)
+
+    assert sharded.problems == [] and sharded.readable
+    assert {n: (e.dtype, e.shape) for n, e in sharded.tensors.items()} == {
+        n: (e.dtype, e.shape) for n, e in single.tensors.items()
+    }
+    assert len({entry.file.name for entry in sharded.tensors.values()}) == 2
