@@ -25,7 +25,7 @@ def merge_pipeline(config_path: str, workspace: str | None = None) -> dict:
     report_dir = root / "runs" / str(flow_run.get_id() or "local")
 
     fetched = fetch_experts(config, root)
-    validation = validate_checkpoints(fetched, report_dir / "validation")
+    validation = validate_checkpoints(fetched, report_dir / "validation", config, root)
     merged = merge_experts(config, fetched, root)
     calibrated = calibrate_routes(config, merged, root)
     evaluation = evaluate_models(config, calibrated, fetched, report_dir / "evaluation", root)

@@ -88,7 +88,7 @@ def validate(config: ConfigOption, workspace: WorkspaceOption = None) -> None:
         settings = load_config(config)
         connect(settings.registry.tracking_uri, root)
         fetched = fetch_step(settings, root)
-        report = validate_step(fetched, root / "validation")
+        report = validate_step(fetched, root / "validation", settings)
     except MergemeError as error:
         _fail(error)
     typer.echo(f"valid: {len(fetched)} checkpoints; report in {report['stats_csv']}")

@@ -87,6 +87,34 @@ class DataConfig(StrictModel):
     eval_split: str = "eval"
     dvc_lock: Path | None = Field(None, description="dvc.lock whose md5s identify the data.")
     dvc_stage: str = "data"
+    allow_uncommitted: bool = Field(
+        False, description="Accept data files that differ from the md5s in dvc_lock."
+    )
+
+
+class ValidationConfig(StrictModel):
+    """Limits and permissions of the validate step."""
+
+    allowed_dtypes: list[Literal["F32", "BF16", "F16"]] = Field(
+        ["F32", "BF16", "F16"], min_length=1, description="Safetensors dtypes a weight may have."
+    )
+    max_relative_task_vector: float = Field(
+        1.2, gt=0.0, description="Largest ‖θ_expert − θ_base‖ / ‖θ_base‖ of a fine-tune."
+    )
+    allow_remote_code: bool = Field(
+        False, description="Accept checkpoints whose config.json needs custom code (auto_map)."
+    )
+    min_text_chars: int = Field(1, ge=1, description="Shortest calibration or eval text.")
+    max_text_chars: int = Field(20_000, ge=1, description="Longest calibration or eval text.")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> ValidationConfig:
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError(
+                f"validation.min_text_chars {self.min_text_chars} is above max_text_chars "
+                f"{self.max_text_chars}; lower min_text_chars or raise max_text_chars"
+            )
+        return self
 
 
 class EvaluateConfig(StrictModel):
@@ -115,6 +143,7 @@ class PipelineConfig(StrictModel):
     data: DataConfig
     evaluate: EvaluateConfig = EvaluateConfig()
     registry: RegistryConfig
+    validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> PipelineConfig:
@@ -147,7 +176,7 @@ def _resolve_paths(raw: object, root: Path, key: str = "") -> object:
     if isinstance(raw, dict):
         return {
             k: (
-                str((root / v).resolve())
+                str((root / Path(v).expanduser()).resolve())
                 if k in path_keys and isinstance(v, str)
                 else _resolve_paths(v, root, k)
             )
@@ -156,6 +185,20 @@ def _resolve_paths(raw: object, root: Path, key: str = "") -> object:
     if isinstance(raw, list):
         return [_resolve_paths(item, root, key) for item in raw]
     return raw
+
+
+# what to write instead, for the common wrong-type errors (the value itself is not echoed:
+# it may be a secret)
+TYPE_FIXES = {
+    "int_parsing": "write a whole number",
+    "int_from_float": "write a whole number",
+    "float_parsing": "write a number",
+    "bool_parsing": "write true or false",
+    "string_type": "write a quoted string",
+    "list_type": "write a list ([a, b])",
+    "model_type": "write a mapping of keys",
+    "dict_type": "write a mapping of keys",
+}
 
 
 def format_validation_error(error: ValidationError, origin: str) -> str:
@@ -167,6 +210,8 @@ def format_validation_error(error: ValidationError, origin: str) -> str:
             message = "unknown key; remove it or check its spelling"
         elif item["type"] == "missing":
             message = "required key is missing; add it"
+        elif item["type"] in TYPE_FIXES:
+            message = f"{message}; {TYPE_FIXES[item['type']]}"
         lines.append(f"  - {key}: {message}")
     return "\n".join(lines)
 

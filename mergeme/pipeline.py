@@ -23,7 +23,8 @@ from mergeme.merge.moe_builder import build_moe
 from mergeme.registry.lineage import git_revision, lineage_tags
 from mergeme.registry.release import register_release
 from mergeme.routing.calibrate import calibrate_routers
-from mergeme.validation.checkpoints import ValidationFailed, validate_checkpoints
+from mergeme.validation.checkpoints import ValidationFailed
+from mergeme.validation.step import log_failed_validation, run_validation
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +45,24 @@ def fetch_step(config: PipelineConfig, workspace: Path) -> list[dict]:
     return [asdict(item) for item in fetched]
 
 
-def validate_step(fetched: list[dict], report_dir: Path) -> dict:
-    """Validate every checkpoint; raises ValidationFailed (with the saved report) on problems."""
-    base = next(item for item in fetched if item["role"] == "base")
-    experts = {item["name"]: Path(item["path"]) for item in fetched if item["role"] == "expert"}
-    report = validate_checkpoints((base["name"], Path(base["path"])), experts, report_dir)
+def validate_step(
+    fetched: list[dict],
+    report_dir: Path,
+    config: PipelineConfig | None = None,
+    workspace: Path | None = None,
+    run_name: str | None = None,
+) -> dict:
+    """Validate every checkpoint and, given ``config``, the data.
+
+    With ``workspace`` too, a failed report is kept as a FAILED MLflow run first.
+
+    Raises:
+        ValidationFailed: any problem; the error lists them all and holds the saved report.
+    """
+    report = run_validation(fetched, report_dir, config)
     if not report.success:
+        if config is not None and workspace is not None:
+            log_failed_validation(report, config, workspace, run_name or "validation-failed")
         raise ValidationFailed(report)
     return asdict(report)
 
@@ -183,6 +196,10 @@ def register_step(
     artifacts += [Path(p) for p in evidence[:2] if p]
     if evidence[2]:
         artifacts.append(Path(evidence[2]).parent)  # the Data Docs site folder
+    # the data suite's evidence, when the step validated the data too
+    artifacts += [Path(p) for p in (validation.get("data_gx_result_json"),) if p]
+    if validation.get("data_docs_index"):
+        artifacts.append(Path(validation["data_docs_index"]).parent)
     release = register_release(
         workspace=workspace,
         experiment=config.registry.experiment,

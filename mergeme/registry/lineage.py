@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from mergeme.registry.redact import redact_mapping
+
 
 def git_revision(folder: Path) -> str:
     """The commit checked out in ``folder`` (``+dirty`` if it has uncommitted changes), or
@@ -54,4 +56,5 @@ def lineage_tags(
         tags[f"{prefix}.content_hash"] = item["content_hash"]
         if item.get("domain"):
             tags[f"{prefix}.domain"] = item["domain"]
-    return tags
+    # a source or resolved URI may carry credentials (https://user:token@host/...)
+    return redact_mapping(tags)

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergeme.registry.redact import redact_mapping
 from mergeme.registry.store import ensure_experiment, log_checkpoint_model, register_version
 
 logger = logging.getLogger(__name__)
@@ -52,9 +53,11 @@ def register_release(
     import mlflow
     from mlflow import MlflowClient
 
+    # secrets never reach the store: not in params, run tags or version tags
+    params, tags = redact_mapping(flatten("", params)), redact_mapping(tags)
     experiment_id = ensure_experiment(experiment, workspace)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-        mlflow.log_params(flatten("", params))
+        mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.set_tags(tags)
         for artifact in artifacts:

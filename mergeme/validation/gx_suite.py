@@ -127,14 +127,19 @@ def _validate_batch(batch_definition: Any, suite: Any, table: pd.DataFrame) -> A
 
 
 def _validate_with_docs(
-    context: Any, batch_definition: Any, suite: Any, table: pd.DataFrame, docs_dir: Path
+    context: Any,
+    batch_definition: Any,
+    suite: Any,
+    table: pd.DataFrame,
+    docs_dir: Path,
+    site_name: str = DOCS_SITE_NAME,
 ) -> Any:
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
 
     # an absolute base_directory: a relative one would be read against the context root
     context.add_data_docs_site(
-        DOCS_SITE_NAME,
+        site_name,
         {
             "class_name": "SiteBuilder",
             "store_backend": {
@@ -148,18 +153,18 @@ def _validate_with_docs(
     # batch.validate() stores nothing; a checkpoint run keeps the result for the docs. Naming
     # the site keeps GX from also writing the default "local_site" into a temp dir.
     definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name=SUITE_NAME, data=batch_definition, suite=suite)
+        gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite)
     )
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
-            name=SUITE_NAME,
+            name=suite.name,
             validation_definitions=[definition],
-            actions=[UpdateDataDocsAction(name="update_docs", site_names=[DOCS_SITE_NAME])],
+            actions=[UpdateDataDocsAction(name="update_docs", site_names=[site_name])],
             result_format="COMPLETE",
         )
     )
     checkpoint_result = checkpoint.run(batch_parameters={"dataframe": table})
-    context.build_data_docs(site_names=[DOCS_SITE_NAME])
+    # the update-docs action has already built the site, index included
     (result,) = checkpoint_result.run_results.values()
     return result
 

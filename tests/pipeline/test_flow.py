@@ -61,6 +61,10 @@ def test_release_carries_the_lineage(pipeline_run, tiny_family, dvc_project):
     assert "eval_loss.moe.math" in run.data.metrics
     artifacts = {item.path for item in client.list_artifacts(version.run_id)}
     assert {"pipeline.yaml", "eval_table.csv", "tensor_stats.csv", "data_docs"} <= artifacts
+    # both GX reports are viewable as HTML among the run's artifacts
+    assert {"gx_data.json", "data_docs_data"} <= artifacts
+    for site in ("data_docs", "data_docs_data"):
+        assert f"{site}/index.html" in {i.path for i in client.list_artifacts(version.run_id, site)}
 
 
 def test_candidate_loads_back_from_the_registry(pipeline_run):
@@ -86,6 +90,6 @@ def test_validation_failure_stops_the_flow_before_the_merge(
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"not a checkpoint")
     config_path.write_text(yaml.safe_dump(config))
 
-    with pytest.raises(ValidationFailed, match="code: .*config.json is missing"):
+    with pytest.raises(ValidationFailed, match="'code': .*config.json is missing"):
         merge_pipeline(str(config_path), str(tmp_path / "workspace"))
     assert not (tmp_path / "workspace" / "merges").exists()

@@ -1,0 +1,68 @@
+"""Every broken input of the corpus is refused by `mergeme validate` (the real CLI) and by the
+validate step, with exactly the expected problem kinds; the step keeps its report as a FAILED
+MLflow run and registers nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from mergeme.cli import app
+from tests.validation.corpus import CORPUS
+
+KIND_LINE = re.compile(r"^\s+- \[(\w+)\] ", re.MULTILINE)
+STEP_CASES = [case for case in CORPUS if case.kinds]
+
+
+def test_the_corpus_has_at_least_20_distinct_broken_inputs():
+    assert len({case.name for case in CORPUS}) == len(CORPUS) >= 20
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=lambda case: case.name)
+def test_mergeme_validate_rejects_it(case, tiny_family, dvc_project, tmp_path):
+    config = case.build(tmp_path, tiny_family, dvc_project)
+
+    result = CliRunner().invoke(app, ["validate", "-c", str(config)])
+    output = result.output
+
+    assert result.exit_code == 1, output
+    if case.config_error:
+        for fragment in case.config_error:
+            assert fragment in output
+    else:
+        assert "validation failed" in output
+        assert set(KIND_LINE.findall(output)) == case.kinds, output
+
+
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda case: case.name)
+def test_validate_step_stops_keeps_a_failed_run_and_registers_nothing(
+    case, tiny_family, dvc_project, tmp_path
+):
+    from mergeme.config import load_config
+    from mergeme.pipeline import fetch_step, validate_step
+    from mergeme.registry.store import connect
+    from mergeme.validation.checkpoints import ValidationFailed
+    from mlflow import MlflowClient
+
+    config = load_config(case.build(tmp_path, tiny_family, dvc_project))
+    workspace = tmp_path / "workspace"
+    connect(config.registry.tracking_uri, workspace)
+    client = MlflowClient()
+    versions_before = len(client.search_model_versions())
+
+    fetched = fetch_step(config, workspace)
+    with pytest.raises(ValidationFailed) as error:
+        validate_step(fetched, tmp_path / "report", config, workspace, run_name=case.name)
+
+    assert set(error.value.kinds) == case.kinds
+    assert len(client.search_model_versions()) == versions_before
+    experiment = client.get_experiment_by_name(config.registry.experiment)
+    [run] = client.search_runs(
+        [experiment.experiment_id], f"attributes.run_name = '{case.name}'", max_results=5
+    )
+    assert run.info.status == "FAILED"
+    assert set(run.data.tags["mergeme.validation.kinds"].split(",")) == case.kinds
+    logged = {item.path for item in client.list_artifacts(run.info.run_id, "validation")}
+    assert "validation/validation_report.json" in logged
