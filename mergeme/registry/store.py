@@ -62,8 +62,11 @@ def pip_requirements() -> list[str]:
     ]
 
 
-def log_checkpoint_model(checkpoint: Path, name: str = "model"):
-    """Log ``checkpoint`` in the active run as a pyfunc model; returns MLflow's ModelInfo."""
+def log_checkpoint_model(
+    checkpoint: Path, name: str = "model", extra_artifacts: dict[str, Path] | None = None
+):
+    """Log ``checkpoint`` in the active run as a pyfunc model, with ``extra_artifacts`` (e.g.
+    the model card) stored inside the model beside it; returns MLflow's ModelInfo."""
     from mlflow.models import infer_signature
 
     import mlflow
@@ -72,7 +75,10 @@ def log_checkpoint_model(checkpoint: Path, name: str = "model"):
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(PYFUNC_CODE),
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+        artifacts={
+            CHECKPOINT_ARTIFACT: str(checkpoint),
+            **{key: str(path) for key, path in (extra_artifacts or {}).items()},
+        },
         pip_requirements=pip_requirements(),
         signature=signature,
     )
