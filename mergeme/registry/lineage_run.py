@@ -87,9 +87,12 @@ def log_step_runs(records: dict[str, StepRecord], parent_run_id: str) -> dict[st
     """Log each record as a run nested in the active parent run; returns step -> run id."""
     import mlflow
 
+    experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
     run_ids = {}
     for step, record in records.items():
-        with mlflow.start_run(run_name=step, nested=True, parent_run_id=parent_run_id) as run:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=step, nested=True, parent_run_id=parent_run_id
+        ) as run:
             mlflow.log_params(record.params)
             if record.metrics:
                 mlflow.log_metrics(record.metrics)

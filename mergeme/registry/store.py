@@ -108,6 +108,8 @@ def register_version(
         source=model_uri,
         run_id=run_id,
         tags={key: _tag_value(value) for key, value in tags.items()},
+        # a tracking server only accepts a logged-model source together with its id
+        model_id=model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None,
     )
     if alias:
         client.set_registered_model_alias(model_name, alias, version.version)
