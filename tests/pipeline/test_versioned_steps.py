@@ -4,40 +4,15 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import write_pipeline_config
+from tests.pipeline.runs import STEPS, ran, registered_versions, run_pipeline
 
 pytestmark = pytest.mark.slow
-
-STEPS = ["fetch experts", "validate checkpoints", "merge", "route-calibrate", "evaluate"]
-
-
-def executed_steps(flow_run_id) -> dict[str, str]:
-    """``{task name: final state name}`` of one flow run, from the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
-
-
-def run_pipeline(config_path: Path, workspace: Path) -> tuple[dict, dict[str, str]]:
-    from flows.pipeline import merge_pipeline
-
-    state = merge_pipeline(str(config_path), str(workspace), return_state=True)
-    return state.result(), executed_steps(state.state_details.flow_run_id)
-
-
-def ran(states: dict[str, str]) -> list[str]:
-    return [step for step in STEPS if states[step] == "Completed"]
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +28,6 @@ def project(prefect_harness, tiny_family, dvc_project, tmp_path_factory):
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     first, states = run_pipeline(config_path, folder / "workspace")
     return folder, config_path, first, states
-
-
-def registered_versions(name: str = "tiny-moe") -> list[str]:
-    from mlflow import MlflowClient
-
-    return sorted(str(v.version) for v in MlflowClient().search_model_versions(f"name='{name}'"))
 
 
 def test_first_run_executes_every_step(project):
