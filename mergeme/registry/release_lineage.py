@@ -10,6 +10,7 @@ from mergeme import versioning
 from mergeme.config import PipelineConfig
 from mergeme.errors import RegistryUnavailable
 from mergeme.registry.lineage_run import DataInput, data_inputs
+from mergeme.registry.store import is_outage
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ def existing_release(config: PipelineConfig, calibrated: dict, fetched: list[dic
             f"name='{name}' and tags.{FINGERPRINT_TAG}='{fingerprint}'"
         )
     except MlflowException as exc:
-        message = str(exc).splitlines()[0]
+        if not is_outage(exc):
+            raise
+        message = str(exc).splitlines()[0][:300]
         raise RegistryUnavailable(
             f"the MLflow registry at {client._registry_uri} did not answer ({message}); "
             "check that the tracking server runs, or fix registry.tracking_uri in the config"

@@ -76,3 +76,52 @@ def test_changed_expert_reruns_from_fetch(project):
         == (again["fetched"][2]["content_hash"])
     )
     assert len(registered_versions()) == 3
+
+
+def test_release_run_records_steps_data_and_card(project, dvc_project):
+    import mlflow
+    from mergeme.data import dvc_output_md5s
+
+    _, _, first, _ = project
+    run_id = first["release"]["run_id"]
+    run = mlflow.get_run(run_id)
+    children = mlflow.search_runs(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        output_format="list",
+    )
+    assert sorted(child.info.run_name for child in children) == sorted(
+        ["fetch", "validate", "merge", "calibrate", "evaluate"]
+    )
+    merge_run = next(child for child in children if child.info.run_name == "merge")
+    assert merge_run.data.params["merge.trunk_method"] == "average"
+
+    dvc_md5 = ",".join(dvc_output_md5s(dvc_project / "dvc.lock", "data").values())
+    inputs = {}
+    for item in run.inputs.dataset_inputs:
+        tags = {tag.key: tag.value for tag in item.tags}
+        inputs[tags["mlflow.data.context"]] = (item.dataset.digest, tags)
+    assert set(inputs) == {"calibration", "eval"}
+    digest, tags = inputs["calibration"]
+    assert digest == dvc_md5[:36] or digest == dvc_md5
+    assert tags["dvc_md5"] == dvc_md5 and tags["git_revision"]
+
+    card = mlflow.artifacts.load_text(f"runs:/{run_id}/model_card.md")
+    assert first["release"]["tags"]["mergeme.input_fingerprint"] in card
+    assert first["fetched"][1]["content_hash"] in card
+
+
+def test_promote_flow_moves_the_champion(project):
+    from flows.promote import promote_flow
+    from mergeme.errors import MergemeError
+    from mlflow import MlflowClient
+
+    folder, config_path, first, _ = project
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    version = first["release"]["version"]
+    result = promote_flow("tiny-moe", version, reason="first", tracking_uri=uri)
+    assert result["passed"] is True
+    champion = MlflowClient().get_model_version_by_alias("tiny-moe", "champion")
+    assert str(champion.version) == version
+    with pytest.raises(MergemeError, match="already the champion"):
+        promote_flow("tiny-moe", version, tracking_uri=uri)
