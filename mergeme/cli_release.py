@@ -60,7 +60,9 @@ def _stage(stage: str | None) -> str | None:
 
 def promote(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
-    version: Annotated[str, typer.Option("--version", "-v", help="The version to promote.")],
+    version: Annotated[
+        str, typer.Option("--version", "-v", help="The version to promote, or @ALIAS.")
+    ],
     reason: Annotated[str, typer.Option(help="Why; recorded on the version.")] = "",
     policy: PolicyOption = None,
     stage: StageOption = None,
@@ -69,10 +71,13 @@ def promote(
 ) -> None:
     """Make VERSION the champion if its eval metrics pass the policy; exit 1 if refused."""
     _connect(workspace, tracking_uri)
+    from mergeme.registry.audit import resolve_release
     from mergeme.registry.promotion import load_policy
     from mergeme.registry.promotion import promote as promote_release
 
     try:
+        if version.startswith("@"):
+            version = str(resolve_release(f"{name}{version}").version)
         result = promote_release(name, version, load_policy(policy), reason, stage=_stage(stage))
     except MergemeError as error:
         _fail(error)

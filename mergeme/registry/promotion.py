@@ -165,7 +165,8 @@ def promote(
     stage: LegacyStage | None = None,
 ) -> PromotionResult:
     """Make ``version`` the champion if it passes ``policy`` against the current champion (a
-    first promotion always passes); on refusal nothing changes.
+    first promotion always passes; promoting the champion again changes nothing); on refusal
+    nothing changes.
 
     Raises:
         MergemeError: the version does not exist or has no metrics under the policy's prefix.
@@ -187,7 +188,8 @@ def promote(
         )
     champion = _current(model_name, policy.champion_alias)
     if champion == version:
-        raise MergemeError(f"{model_name} version {version} is already the champion")
+        check = Check("champion", None, None, True, "already the champion: nothing changed")
+        return PromotionResult(model_name, version, champion, True, [check])
     if champion is None:
         checks = [Check("champion", None, None, True, "no champion yet: first promotion")]
     else:

@@ -123,5 +123,7 @@ def test_promote_flow_moves_the_champion(project):
     assert result["passed"] is True
     champion = MlflowClient().get_model_version_by_alias("tiny-moe", "champion")
     assert str(champion.version) == version
-    with pytest.raises(MergemeError, match="already the champion"):
-        promote_flow("tiny-moe", version, tracking_uri=uri)
+    again = promote_flow("tiny-moe", version, tracking_uri=uri)
+    assert again["passed"] and "already the champion" in again["checks"][0]["detail"]
+    with pytest.raises(MergemeError, match="tiny-moe version 99 is not in the registry"):
+        promote_flow("tiny-moe", "99", tracking_uri=uri)

@@ -205,5 +205,11 @@ def test_cli_audit_json_and_diff(store, tmp_path, restored_environment):
     assert "metrics.eval_loss.moe.code" in diff.output
     assert "expert.code.content_hash" not in diff.output  # unchanged facts are not listed
 
+    again = runner.invoke(app, ["promote", NAME, "--version", "@champion", *workspace])
+    assert again.exit_code == 0 and "already the champion" in again.stdout
+    refused = runner.invoke(app, ["promote", NAME, "--version", "3", *workspace])
+    assert refused.exit_code == 1
+    assert "[FAIL] eval_loss.moe.code" in refused.stdout and "refused" in refused.stdout
+
     missing = runner.invoke(app, ["audit", f"{NAME}@nope", *workspace])
     assert missing.exit_code == 1 and "not in the registry" in missing.output
