@@ -49,3 +49,16 @@ def test_bad_deployment_files_are_named(tmp_path):
         load_deployment(missing)
     with pytest.raises(ConfigError, match="no deployment named 'nightly'"):
         load_deployment(DEFAULT_PREFECT_FILE, "nightly")
+
+
+@pytest.mark.slow
+def test_deployment_applies_to_a_prefect_server(prefect_harness):
+    """Registered with the (temporary) Prefect API, the deployment keeps schedule and params."""
+    from prefect.client.orchestration import get_client
+
+    settings = load_deployment(DEFAULT_PREFECT_FILE)
+    deployment_id = to_deployment(settings).apply()
+    with get_client(sync_client=True) as client:
+        stored = client.read_deployment(deployment_id)
+    assert stored.parameters == settings.parameters.model_dump()
+    assert [s.schedule.cron for s in stored.schedules] == ["0 3 * * 1"]
