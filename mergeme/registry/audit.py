@@ -167,7 +167,15 @@ def format_lineage(lineage: dict) -> str:
         for c in lineage["checkpoints"]
     ]
     parts += ["", _table(checkpoints, ("role", "name", "source", "resolved", "content hash"))]
-    flat = flatten_lineage({k: v for k, v in lineage.items() if k != "checkpoints"})
+    datasets = [
+        (d["context"], d["name"], d["digest"], d.get("git_revision", "")[:12])
+        for d in lineage["data"]["datasets"]
+    ]
+    if datasets:
+        parts += ["", _table(datasets, ("data input", "dataset", "digest (DVC md5)", "git"))]
+    rest = {k: v for k, v in lineage.items() if k != "checkpoints"}
+    rest["data"] = {k: v for k, v in lineage["data"].items() if k != "datasets"}
+    flat = flatten_lineage(rest)
     rows = [(key, value if len(value) <= 90 else value[:87] + "...") for key, value in flat.items()]
     parts += ["", _table(rows, ("fact", "value"))]
     return "\n".join(parts)
