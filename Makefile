@@ -33,6 +33,12 @@ demo: demo-data
 	  $(BIN)/mergeme register-checkpoint data/experts/$$model --name mergeme-demo-$$model || exit 1; \
 	done
 	$(BIN)/mergeme run -c configs/demo.yaml
+	# the same inputs again: every step comes from the cache and nothing new is registered
+	$(BIN)/mergeme run -c configs/demo.yaml
+	# gate the release on mlflow/promotion_policy.yaml and make it the champion
+	$(BIN)/mergeme promote mergeme-demo-moe --version @candidate --reason "demo release"
+	# what produced the champion
+	$(BIN)/mergeme audit mergeme-demo-moe@champion
 
 test: install
 	$(BIN)/ruff format --check --quiet .

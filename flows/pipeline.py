@@ -14,6 +14,7 @@ from tasks.fetch import fetch_experts
 from tasks.merge import merge_experts
 from tasks.register import register_moe
 from tasks.validate import validate_checkpoints
+from tasks.workspace import clean_workspace
 
 
 @flow(name="mergeme-pipeline", log_prints=True)
@@ -24,6 +25,7 @@ def merge_pipeline(config_path: str, workspace: str | None = None) -> dict:
     connect(config.registry.tracking_uri, root)
     report_dir = root / "runs" / str(flow_run.get_id() or "local")
 
+    clean_workspace(root)
     fetched = fetch_experts(config, root)
     validation = validate_checkpoints(fetched, report_dir / "validation", config, root)
     merged = merge_experts(config, fetched, root)

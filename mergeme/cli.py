@@ -115,3 +115,9 @@ def register_checkpoint(
         _fail(error)
     state = "registered" if created else "already registered"
     typer.echo(f"{name} version {version} {state} (alias {alias})")
+
+
+# promote, rollback, audit, diff, schedule
+from mergeme.cli_release import add_release_commands  # noqa: E402
+
+add_release_commands(app)

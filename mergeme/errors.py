@@ -26,3 +26,11 @@ class SourceError(MergemeError):
 
 class UnsupportedArchitectureError(MergemeError):
     """The experts' architecture has no MoE output family in mergeme."""
+
+
+class RegistryUnavailable(MergemeError):
+    """The MLflow tracking server or registry did not answer; retrying may help."""
+
+
+class PromotionRefused(MergemeError):
+    """A release failed the promotion policy; the message names each failed check."""

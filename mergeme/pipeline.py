@@ -181,8 +181,17 @@ def register_step(
     calibrated: dict,
     evaluation: dict,
     flow_run_id: str | None,
+    deployment_id: str | None = None,
 ) -> dict:
-    """Log the run and register the MoE as a new version with its lineage and alias."""
+    """Log the run and register the MoE as a new version with its lineage and alias; when a
+    version with the same input fingerprint exists, register nothing and return that one
+    (``created`` tells which)."""
+    from mergeme.registry.lineage_run import step_records
+    from mergeme.registry.release_lineage import existing_release, release_data, release_tags
+
+    existing = existing_release(config, calibrated, fetched)
+    if existing is not None:
+        return existing
     tags = lineage_tags(
         fetched,
         merged,
@@ -200,6 +209,7 @@ def register_step(
     artifacts += [Path(p) for p in (validation.get("data_gx_result_json"),) if p]
     if validation.get("data_docs_index"):
         artifacts.append(Path(validation["data_docs_index"]).parent)
+    tags |= release_tags(config, calibrated, fetched, deployment_id)
     release = register_release(
         workspace=workspace,
         experiment=config.registry.experiment,
@@ -211,5 +221,7 @@ def register_step(
         artifacts=artifacts,
         tags=tags,
         run_name=f"{config.registry.model_name}-{flow_run_id or 'local'}",
+        steps=step_records(config, fetched, validation, merged, calibrated, evaluation),
+        data=release_data(config),
     )
-    return {**asdict(release), "tags": tags}
+    return {**asdict(release), "tags": tags, "created": True}

@@ -35,6 +35,12 @@ def format_eval_table(evaluation: dict) -> str:
 
 def format_release(release: dict) -> str:
     """The registered version and its lineage tags."""
+    if release.get("created") is False:
+        return (
+            f"Inputs unchanged: nothing new registered; {release['model_name']} version "
+            f"{release['version']} was built from the same inputs "
+            f"(fingerprint {release['tags'].get('mergeme.input_fingerprint')})"
+        )
     lines = [
         f"Registered {release['model_name']} version {release['version']} "
         f"(alias {release['alias']}), run {release['run_id']}",

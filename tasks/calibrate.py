@@ -4,9 +4,10 @@ from prefect import task
 
 from mergeme.config import PipelineConfig
 from mergeme.pipeline import calibrate_step
+from tasks import caching
 
 
-@task(name="route-calibrate")
+@task(name="route-calibrate", cache_key_fn=caching.calibrate_key, persist_result=True)
 def calibrate_routes(config: PipelineConfig, merged: dict, workspace: Path) -> dict:
     """Set the MoE's routers from the calibration split."""
     return calibrate_step(config, merged, workspace)

@@ -4,9 +4,10 @@ from prefect import task
 
 from mergeme.config import PipelineConfig
 from mergeme.pipeline import evaluate_step
+from tasks import caching
 
 
-@task(name="evaluate")
+@task(name="evaluate", cache_key_fn=caching.evaluate_key, persist_result=True)
 def evaluate_models(
     config: PipelineConfig,
     calibrated: dict,

@@ -1,13 +1,20 @@
 from pathlib import Path
 
 from prefect import task
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from mergeme.config import PipelineConfig
 from mergeme.pipeline import register_step
+from tasks.retry import RETRY_DELAYS, RETRY_JITTER, is_transient
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 10])
+@task(
+    name="register",
+    retries=len(RETRY_DELAYS),
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=is_transient,
+)
 def register_moe(
     config: PipelineConfig,
     config_path: Path,
@@ -29,4 +36,5 @@ def register_moe(
         calibrated,
         evaluation,
         flow_run.get_id(),
+        deployment.get_id(),
     )

@@ -5,9 +5,10 @@ from prefect.runtime import flow_run
 
 from mergeme.config import PipelineConfig
 from mergeme.pipeline import validate_step
+from tasks import caching
 
 
-@task(name="validate checkpoints")
+@task(name="validate checkpoints", cache_key_fn=caching.validate_key, persist_result=True)
 def validate_checkpoints(
     fetched: list[dict],
     report_dir: Path,

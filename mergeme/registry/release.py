@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeme.registry.redact import redact_mapping
+from mergeme.registry.lineage_run import DataInput, StepRecord, log_data_inputs, log_step_runs
+from mergeme.registry.model_card import CARD_FILE, render_model_card
 from mergeme.registry.store import ensure_experiment, log_checkpoint_model, register_version
 
 logger = logging.getLogger(__name__)
@@ -47,9 +49,13 @@ def register_release(
     artifacts: list[Path],
     tags: dict[str, str],
     run_name: str | None = None,
+    steps: dict[str, StepRecord] | None = None,
+    data: list[DataInput] | None = None,
 ) -> Release:
-    """Log a run (params, metrics, artifacts, tags) and register ``checkpoint`` as a new
-    version of ``model_name`` tagged with ``tags``; point ``alias`` at it."""
+    """Log a run (params, metrics, artifacts, tags), a nested run per pipeline step in
+    ``steps`` and the ``data`` splits as dataset inputs; register ``checkpoint`` (with a model
+    card inside the model) as a new version of ``model_name`` tagged with ``tags``; point
+    ``alias`` at it."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -65,7 +71,14 @@ def register_release(
                 mlflow.log_artifacts(str(artifact), artifact_path=artifact.name)
             else:
                 mlflow.log_artifact(str(artifact))
-        info = log_checkpoint_model(checkpoint)
+        log_data_inputs(data or [])
+        log_step_runs(steps or {}, run.info.run_id)
+        card = render_model_card(model_name, tags, metrics)
+        mlflow.log_text(card, CARD_FILE)
+        card_file = workspace / "model_cards" / run.info.run_id / CARD_FILE
+        card_file.parent.mkdir(parents=True, exist_ok=True)
+        card_file.write_text(card)
+        info = log_checkpoint_model(checkpoint, extra_artifacts={"model_card": card_file})
         version = register_version(model_name, info.model_uri, run.info.run_id, tags, None)
         try:
             if alias:

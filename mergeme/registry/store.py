@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from mergeme.errors import SourceError
+from mergeme.errors import RegistryUnavailable, SourceError
 from mergeme.workspace import default_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,11 @@ def pip_requirements() -> list[str]:
     ]
 
 
-def log_checkpoint_model(checkpoint: Path, name: str = "model"):
-    """Log ``checkpoint`` in the active run as a pyfunc model; returns MLflow's ModelInfo."""
+def log_checkpoint_model(
+    checkpoint: Path, name: str = "model", extra_artifacts: dict[str, Path] | None = None
+):
+    """Log ``checkpoint`` in the active run as a pyfunc model, with ``extra_artifacts`` (e.g.
+    the model card) stored inside the model beside it; returns MLflow's ModelInfo."""
     from mlflow.models import infer_signature
 
     import mlflow
@@ -72,7 +75,10 @@ def log_checkpoint_model(checkpoint: Path, name: str = "model"):
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=str(PYFUNC_CODE),
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+        artifacts={
+            CHECKPOINT_ARTIFACT: str(checkpoint),
+            **{key: str(path) for key, path in (extra_artifacts or {}).items()},
+        },
         pip_requirements=pip_requirements(),
         signature=signature,
     )
@@ -102,6 +108,8 @@ def register_version(
         source=model_uri,
         run_id=run_id,
         tags={key: _tag_value(value) for key, value in tags.items()},
+        # a tracking server only accepts a logged-model source together with its id
+        model_id=model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None,
     )
     if alias:
         client.set_registered_model_alias(model_name, alias, version.version)
@@ -118,6 +126,18 @@ def find_version_by_tag(model_name: str, key: str, value: str) -> str | None:
     return str(max(int(v.version) for v in versions))
 
 
+# MLflow error codes of a registry that could not answer (connection refused, 5xx, throttled)
+OUTAGE_ERROR_CODES = frozenset(
+    {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
+)
+
+
+def is_outage(error: Exception) -> bool:
+    """Whether an MLflow error means the registry did not answer (worth a retry), rather than
+    that the request was wrong."""
+    return getattr(error, "error_code", None) in OUTAGE_ERROR_CODES
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str
@@ -131,6 +151,7 @@ def resolve_model_uri(uri: str) -> ResolvedModel:
 
     Raises:
         SourceError: the model, version or alias does not exist in the registry.
+        RegistryUnavailable: the registry did not answer (the fetch step retries).
     """
     from mlflow.exceptions import MlflowException
 
@@ -146,6 +167,11 @@ def resolve_model_uri(uri: str) -> ResolvedModel:
             name, version = reference.rsplit("/", 1)
             found = client.get_model_version(name, version)
     except MlflowException as exc:
+        if is_outage(exc):
+            raise RegistryUnavailable(
+                f"{uri}: the MLflow registry at {client._registry_uri} did not answer "
+                f"({exc.message.splitlines()[0][:300]}); check that the server runs"
+            ) from exc
         raise SourceError(
             f"{uri}: not found in the MLflow registry at {client._registry_uri} "
             f"({exc.message.splitlines()[0]}); register the model first or fix the URI"
