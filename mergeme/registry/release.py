@@ -10,9 +10,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeme.registry.redact import redact_mapping
 from mergeme.registry.lineage_run import DataInput, StepRecord, log_data_inputs, log_step_runs
 from mergeme.registry.model_card import CARD_FILE, render_model_card
+from mergeme.registry.redact import redact_mapping
 from mergeme.registry.store import ensure_experiment, log_checkpoint_model, register_version
 
 logger = logging.getLogger(__name__)
