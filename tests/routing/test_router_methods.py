@@ -175,3 +175,20 @@ def test_negative_set_and_the_conditioning_warning(merged, tmp_path, caplog):
     negative = calibrate_routers(merged, tmp_path / "negative", TEXTS, settings)
     assert max(negative.max_cosine_between_rows) < max(plain.max_cosine_between_rows)
     assert len(negative.condition_numbers) == 2
+
+
+def test_finetune_everything_writes_a_loadable_checkpoint(merged, tmp_path):
+    finetune = FinetuneSettings(
+        scope="all", init="random", steps=2, batch_size=2, learning_rate=0.01
+    )
+    settings = RouterConfig(method="finetune", finetune=finetune)
+    calibrate_routers(merged, tmp_path / "tuned", TEXTS, settings)
+
+    name = "model.layers.0.block_sparse_moe.experts.1.w1.weight"
+    with Checkpoint(tmp_path / "tuned") as tuned, Checkpoint(merged) as source:
+        assert tuned.tensor_names() == source.tensor_names()  # the classic layout again
+        assert not torch.equal(tuned.get(name), source.get(name))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")
+    assert model.config.num_local_experts == 3
+    assert (tmp_path / "tuned" / "tokenizer.json").is_file()
+    assert (tmp_path / "tuned" / "mergeme_router.json").is_file()
