@@ -130,6 +130,7 @@ def calibrate_step(
         router,
         expert_paths=[Path(experts[e.name]["path"]) for e in config.experts if e.name in experts],
         train_texts_per_expert=[train[e.domain] for e in config.experts] if train else None,
+        expert_names=[expert.name for expert in config.experts],
     )
     return {**asdict(report), "key": key}
 

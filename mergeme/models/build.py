@@ -82,8 +82,10 @@ def build_ppl_routed(
     expert_names: list[str] | None = None,
     overwrite: bool = False,
     max_shard_size: int = 2 * 1024**3,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a ``mergeme_ppl_moe`` checkpoint at ``out`` (atomically) from dense experts.
+    """Write a ``mergeme_ppl_moe`` checkpoint at ``out`` (atomically) from dense experts,
+    with ``extra_files`` (name → text) beside it.
 
     Raises:
         CheckpointError: an expert is not a supported dense model, or the experts differ in
@@ -123,6 +125,8 @@ def build_ppl_routed(
                     shutil.copy2(experts[0].path / file, folder / file)
             provenance = {"experts": names, "sources": [str(p) for p in expert_paths]}
             (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+            for name, text in (extra_files or {}).items():
+                (folder / name).write_text(text)
     finally:
         for expert in experts:
             expert.close()

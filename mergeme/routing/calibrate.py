@@ -106,12 +106,14 @@ def calibrate_routers(
     overwrite: bool = False,
     expert_paths: list[Path] | None = None,
     train_texts_per_expert: list[list[str]] | None = None,
+    expert_names: list[str] | None = None,
 ) -> CalibrationReport:
     """Write ``out``: the MoE at ``merged`` with routers set by ``settings.method``.
 
     ``texts_per_expert[i]`` are the calibration texts of expert i's domain;
     ``expert_paths`` the dense experts (needed by ``ppl_probe`` and ``ppl_sequence``);
-    ``train_texts_per_expert`` the texts ``finetune`` trains on (default: the calibration ones).
+    ``train_texts_per_expert`` the texts ``finetune`` trains on (default: the calibration ones);
+    ``expert_names`` name the experts inside a ``ppl_sequence`` model (default: folder names).
 
     Raises:
         ValueError: a method needs ``expert_paths`` and none were given.
@@ -123,11 +125,18 @@ def calibrate_routers(
 
         if not expert_paths:
             raise ValueError("router method ppl_sequence needs the dense experts' folders")
-        build_ppl_routed(expert_paths, out, settings.sequence, overwrite=overwrite)
         report = CalibrationReport(
             str(Path(out).resolve()), method.name, [len(t) for t in texts_per_expert], []
         )
-        (Path(out) / ROUTER_FILE).write_text(json.dumps(asdict(report), indent=2))
+        extra = {ROUTER_FILE: json.dumps(asdict(report), indent=2)}
+        build_ppl_routed(
+            expert_paths,
+            out,
+            settings.sequence,
+            expert_names=expert_names,
+            overwrite=overwrite,
+            extra_files=extra,
+        )
         return report
     with Checkpoint(merged) as source:
         return _calibrate_moe(

@@ -44,6 +44,7 @@ def test_ppl_sequence_produces_a_model_that_evaluates_by_sequence(
 
     config = AutoConfig.from_pretrained(calibrated["output"])
     assert config.model_type == "mergeme_ppl_moe" and config.experts_per_sequence == 2
+    assert config.expert_names == ["math", "code", "knowledge"]
     moe_rows = [row for row in evaluation["rows"] if row["model"] == "moe"]
     assert len(moe_rows) == 3 and all(row["loss"] > 0 for row in moe_rows)
     for shares in evaluation["routing_shares"].values():
