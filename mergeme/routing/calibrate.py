@@ -206,7 +206,7 @@ def _trunk_tensors(model, source: Checkpoint, dtype: torch.dtype) -> dict[str, t
     """The trained trunk tensors, under their checkpoint names (the same as in memory)."""
     trunk = {}
     for name, param in model.named_parameters():
-        if ".mlp." in name:
+        if name.endswith(".mlp.gate.weight") or ".mlp.experts." in name:
             continue  # routers are written under the architecture's names; experts untouched
         if name not in source:
             raise ValueError(f"trunk tensor {name!r} of the model is not in {source.path}")
