@@ -34,6 +34,7 @@ class Row:
     router: str
     losses: dict[str, float]
     shares: dict[str, float]  # share of a domain's tokens (sequences) whose top-k has its expert
+    weights: dict[str, float]  # the own expert's mean mixing weight
     seconds: float
 
 
@@ -63,17 +64,22 @@ def load_split(data: Path, split: str, limit: int) -> dict[str, list[str]]:
 
 
 def measure(folder: Path, texts: dict[str, list[str]], max_length: int, own: dict[str, int]):
-    """Per-domain eval loss and share of tokens (sequences) whose top-k includes the domain's
-    own expert (averaged over layers), from one forward pass per batch (the quantities of
-    ``score_domains`` and ``routing_shares``, which would take two)."""
+    """Per-domain eval loss, the share of tokens (sequences) whose top-k includes the
+    domain's own expert, and the own expert's mean mixing weight (both averaged over layers),
+    from one forward pass per batch.
+
+    Returns:
+        ``(losses, in_top_k, own_weight)``, each ``{domain: value}`` (the last two empty
+        without ``own``).
+    """
     from mergeme.evaluate import load_causal_lm
-    from mergeme.routing.diagnostics import is_sequence_routed, num_experts_of
+    from mergeme.routing.diagnostics import is_sequence_routed
     from mergeme.text_batches import iter_batches, token_losses
 
     model, tokenizer = load_causal_lm(folder)
-    losses, shares = {}, {}
+    losses, in_top_k, own_weight = {}, {}, {}
     for domain, domain_texts in texts.items():
-        total, count, slots = 0.0, 0, None
+        total, count, stats = 0.0, 0, torch.zeros(3)
         for batch in iter_batches(tokenizer, domain_texts, max_length, batch_size=16):
             with torch.no_grad():
                 extra = (
@@ -83,30 +89,33 @@ def measure(folder: Path, texts: dict[str, list[str]], max_length: int, own: dic
             nll, tokens = token_losses(outputs.logits, batch["input_ids"], batch["attention_mask"])
             total, count = total + nll, count + tokens
             if own:
-                counts = _slot_counts(model, outputs, batch, num_experts_of(model.config))
-                slots = counts if slots is None else slots + counts
+                stats += _own_expert_stats(model, outputs, batch, own[domain])
         losses[domain] = total / count
-        if own:  # slots sum to k per token (or sequence): own-expert slots / units
-            top_k = getattr(model.config, "experts_per_sequence", None) or (
-                model.config.num_experts_per_tok
-            )
-            shares[domain] = float(slots[own[domain]] / (slots.sum() / top_k))
-    return losses, shares
+        if own:
+            in_top_k[domain] = float(stats[1] / stats[0])
+            own_weight[domain] = float(stats[2] / stats[0])
+    return losses, in_top_k, own_weight
 
 
-def _slot_counts(model, outputs, batch, num_experts: int) -> torch.Tensor:
-    """Routing slots per expert in one batch: (experts,)."""
+def _own_expert_stats(model, outputs, batch, own: int) -> torch.Tensor:
+    """(routing decisions, decisions whose top-k has ``own``, summed weight of ``own``): (3,).
+    A decision is one (token, layer) for token routing, one sequence for sequence routing."""
     from mergeme.routing.diagnostics import is_sequence_routed
 
     if is_sequence_routed(model):
-        return (outputs.routing_weights > 0).sum(0).float()
+        weights = outputs.routing_weights[:, own]  # (batch,)
+        return torch.tensor([len(weights), float((weights > 0).sum()), float(weights.sum())])
     real = batch["attention_mask"].reshape(-1).bool()
     top_k = model.config.num_experts_per_tok
-    counts = torch.zeros(num_experts)
+    stats = torch.zeros(3)
     for logits in outputs.router_logits:  # one (batch * tokens, experts) per layer
-        chosen = logits[real].topk(top_k, dim=-1).indices.reshape(-1)
-        counts += torch.bincount(chosen, minlength=num_experts).float()
-    return counts
+        top = torch.softmax(logits[real].float(), dim=-1).topk(top_k, dim=-1)
+        weights = top.values / top.values.sum(-1, keepdim=True)  # Mixtral's renormalisation
+        is_own = top.indices == own  # (tokens, top_k)
+        stats += torch.tensor(
+            [len(is_own), float(is_own.any(-1).sum()), float((weights * is_own).sum())]
+        )
+    return stats
 
 
 def token_level_rows(args, scratch, calibration, train, evaluation) -> list[Row]:
@@ -140,8 +149,9 @@ def token_level_rows(args, scratch, calibration, train, evaluation) -> list[Row]
                 expert_paths=paths,
                 train_texts_per_expert=[train[d] for d in DOMAINS],
             )
-            losses, shares = measure(out, evaluation, args.max_length, own)
-            rows.append(Row(trunk, method, losses, shares, time.perf_counter() - start))
+            losses, shares, weights = measure(out, evaluation, args.max_length, own)
+            seconds = time.perf_counter() - start
+            rows.append(Row(trunk, method, losses, shares, weights, seconds))
             print(f"  {trunk} + {method}: {time.perf_counter() - start:.0f} s", flush=True)
     return rows
 
@@ -164,25 +174,28 @@ def sequence_rows(args, scratch, evaluation) -> list[Row]:
         start = time.perf_counter()
         out = scratch / name.replace(" ", "_").replace(",", "")
         build_ppl_routed(paths, out, settings, expert_names=list(DOMAINS))
-        losses, shares = measure(out, evaluation, args.max_length, own)
-        rows.append(Row("separate", name, losses, shares, time.perf_counter() - start))
+        losses, shares, weights = measure(out, evaluation, args.max_length, own)
+        seconds = time.perf_counter() - start
+        rows.append(Row("separate", name, losses, shares, weights, seconds))
         print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
     return rows
 
 
 def print_table(rows: list[Row], oracle: dict[str, float], base: dict[str, float]) -> None:
-    header = "| trunk | router | " + " | ".join(
-        f"{d} loss | {d} own in top-k | {d} gap" for d in DOMAINS
-    )
-    print(header + " | worst gap | s |")
-    print("|" + "---|" * (3 + 3 * len(DOMAINS) + 1))
-    reference = [Row("-", "base (dense)", base, {}, 0.0), Row("-", "oracle", oracle, {}, 0.0)]
+    columns = [f"{d} {c}" for d in DOMAINS for c in ("loss", "own in top-k", "own weight", "gap")]
+    print("| trunk | router | " + " | ".join(columns) + " | worst gap | s |")
+    print("|" + "---|" * (len(columns) + 4))
+    reference = [
+        Row("-", "base (dense)", base, {}, {}, 0.0),
+        Row("-", "oracle", oracle, {}, {}, 0.0),
+    ]
     for row in reference + rows:
         gaps = {d: (row.losses[d] - oracle[d]) / oracle[d] for d in DOMAINS}
         cells = []
         for d in DOMAINS:
             share = f"{row.shares[d]:.2f}" if d in row.shares else "-"
-            cells.append(f"{row.losses[d]:.3f} | {share} | {100 * gaps[d]:+.1f}%")
+            weight = f"{row.weights[d]:.2f}" if d in row.weights else "-"
+            cells.append(f"{row.losses[d]:.3f} | {share} | {weight} | {100 * gaps[d]:+.1f}%")
         worst = max(gaps.values())
         print(f"| {row.trunk} | {row.router} | " + " | ".join(cells), end="")
         print(f" | {100 * worst:+.1f}% | {row.seconds:.0f} |")
@@ -207,11 +220,11 @@ def main() -> None:
     begin = time.perf_counter()
     oracle = {}
     for domain in DOMAINS:
-        losses, _ = measure(
+        losses, *_ = measure(
             args.experts / domain, {domain: evaluation[domain]}, args.max_length, {}
         )
         oracle[domain] = losses[domain]
-    base, _ = measure(args.experts / "base", evaluation, args.max_length, {})
+    base, *_ = measure(args.experts / "base", evaluation, args.max_length, {})
     rows = token_level_rows(args, scratch, calibration, train, evaluation)
     rows += sequence_rows(args, scratch, evaluation)
     print(
