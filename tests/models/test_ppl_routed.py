@@ -124,6 +124,7 @@ def test_save_and_load_round_trip(tiny_family, tmp_path):
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.slow
 def test_mlflow_log_and_load_round_trip(tiny_family, tmp_path):
     import mlflow
     from mergeme.registry.store import log_checkpoint_model
