@@ -29,7 +29,7 @@ def merge_pipeline(config_path: str, workspace: str | None = None) -> dict:
     fetched = fetch_experts(config, root)
     validation = validate_checkpoints(fetched, report_dir / "validation", config, root)
     merged = merge_experts(config, fetched, root)
-    calibrated = calibrate_routes(config, merged, root)
+    calibrated = calibrate_routes(config, merged, root, fetched)
     evaluation = evaluate_models(config, calibrated, fetched, report_dir / "evaluation", root)
     release = register_moe(
         config, Path(config_path), root, fetched, validation, merged, calibrated, evaluation

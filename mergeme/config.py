@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from mergeme.errors import ConfigError
 
 TrunkMethodName = Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
-RouterMethodName = Literal["centroid", "random"]
+RouterMethodName = Literal["centroid", "random", "ppl_probe", "finetune", "ppl_sequence"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
 
 
@@ -74,11 +74,62 @@ class MergeConfig(StrictModel):
     max_shard_size: int = Field(2 * 1024**3, ge=1024, description="Bytes per output shard.")
 
 
+class CentroidSettings(StrictModel):
+    """``centroid`` routers: what is subtracted from each expert's mean, and when to warn."""
+
+    negative: Literal["none", "other_domains"] = Field(
+        "none", description="Subtract the mean of the other experts' centroids from each row."
+    )
+    negative_weight: float = Field(1.0, ge=0.0, description="Scale of the subtracted mean.")
+    max_condition_number: float = Field(
+        100.0, gt=1.0, description="Warn when a layer's router matrix is worse conditioned."
+    )
+
+
+class ProbeSettings(StrictModel):
+    """``ppl_probe`` routers: a linear classifier per layer from hidden state to best expert."""
+
+    fit: Literal["least_squares", "logistic"] = "logistic"
+    ridge: float = Field(1e-3, ge=0.0, description="L2 penalty of the least-squares fit.")
+    steps: int = Field(200, ge=1, description="Full-batch optimiser steps of the logistic fit.")
+    learning_rate: float = Field(0.05, gt=0.0)
+
+
+class FinetuneSettings(StrictModel):
+    """``finetune``: LM loss plus load-balancing loss, starting from another router method."""
+
+    init: Literal["random", "centroid", "ppl_probe"] = "centroid"
+    scope: Literal["routers", "routers_and_trunk", "all"] = "routers"
+    steps: int = Field(200, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    load_balancing_coef: float = Field(0.01, ge=0.0, description="α of α·N·Σ uᵢpᵢ per layer.")
+    split: str | None = Field(None, description="Training split; default: the calibration one.")
+    max_texts_per_domain: int = Field(1000, ge=1)
+
+
+class SequenceSettings(StrictModel):
+    """``ppl_sequence``: the training-free per-sequence perplexity-routed model."""
+
+    top_k: int = Field(2, ge=1, description="Experts that process each sequence.")
+    mixing: Literal["layer", "path"] = Field(
+        "layer", description="Mix every layer's output, or only the experts' final logits."
+    )
+    temperature: float = Field(1.0, gt=0.0, description="Softmax temperature over 1/PPL.")
+    prefix_tokens: int | None = Field(
+        None, ge=2, description="Score only the first N tokens of the prompt (default: all)."
+    )
+
+
 class RouterConfig(StrictModel):
     method: RouterMethodName = "centroid"
     max_texts_per_domain: int = Field(64, ge=1)
     max_length: int = Field(128, ge=8, description="Tokens per calibration text.")
     seed: int = 0
+    centroid: CentroidSettings = CentroidSettings()
+    probe: ProbeSettings = ProbeSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+    sequence: SequenceSettings = SequenceSettings()
 
 
 class DataConfig(StrictModel):
@@ -160,6 +211,11 @@ class PipelineConfig(StrictModel):
         if self.merge.experts_per_token > len(self.experts):
             problems.append(
                 f"merge.experts_per_token: {self.merge.experts_per_token} is more than the "
+                f"{len(self.experts)} experts; set it to at most {len(self.experts)}"
+            )
+        if self.router.sequence.top_k > len(self.experts):
+            problems.append(
+                f"router.sequence.top_k: {self.router.sequence.top_k} is more than the "
                 f"{len(self.experts)} experts; set it to at most {len(self.experts)}"
             )
         if problems:

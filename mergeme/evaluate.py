@@ -26,6 +26,8 @@ class DomainScore:
 def load_causal_lm(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import mergeme.models  # noqa: F401  (registers mergeme's own model classes)
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -57,18 +59,10 @@ def routing_shares(
     model, tokenizer, texts_by_domain: dict[str, list[str]], max_length: int, batch_size: int
 ) -> dict[str, list[float]]:
     """For each domain, the share of top-k routing slots (over all layers and real tokens)
-    that went to each expert: ``{domain: [share of expert 0, share of expert 1, ...]}``."""
-    top_k = model.config.num_experts_per_tok
-    num_experts = model.config.num_local_experts
-    shares = {}
-    for domain, texts in texts_by_domain.items():
-        counts = torch.zeros(num_experts)
-        with torch.no_grad():
-            for batch in iter_batches(tokenizer, texts, max_length, batch_size):
-                outputs = model(**batch, output_router_logits=True)
-                real = batch["attention_mask"].reshape(-1).bool()  # (batch * tokens,)
-                for logits in outputs.router_logits:  # one (batch * tokens, experts) per layer
-                    chosen = logits[real].topk(top_k, dim=-1).indices
-                    counts += torch.bincount(chosen.reshape(-1), minlength=num_experts)
-        shares[domain] = (counts / counts.sum().clamp_min(1)).tolist()
-    return shares
+    that went to each expert: ``{domain: [share of expert 0, share of expert 1, ...]}``.
+    A sequence-routed model (no router logits) reports the share of its sequences' top-k
+    slots instead."""
+    from mergeme.routing.diagnostics import routing_counts, shares_from_counts
+
+    counts = routing_counts(model, tokenizer, texts_by_domain, max_length, batch_size)
+    return shares_from_counts(counts)

@@ -17,12 +17,17 @@ from pathlib import Path
 from mergeme.checkpoint import Checkpoint
 from mergeme.config import PipelineConfig
 from mergeme.data import dvc_output_md5s, load_texts
-from mergeme.evaluate import load_causal_lm, routing_shares, score_domains
+from mergeme.evaluate import load_causal_lm, score_domains
 from mergeme.fetch import fetch_checkpoint
 from mergeme.merge.moe_builder import build_moe
 from mergeme.registry.lineage import git_revision, lineage_tags
 from mergeme.registry.release import register_release
 from mergeme.routing.calibrate import calibrate_routers
+from mergeme.routing.diagnostics import (
+    routing_counts,
+    shares_from_counts,
+    write_routing_diagnostics,
+)
 from mergeme.validation.checkpoints import ValidationFailed
 from mergeme.validation.step import log_failed_validation, run_validation
 
@@ -106,19 +111,40 @@ def data_md5(config: PipelineConfig) -> dict[str, str]:
     return dvc_output_md5s(config.data.dvc_lock, config.data.dvc_stage)
 
 
-def calibrate_step(config: PipelineConfig, merged: dict, workspace: Path) -> dict:
-    """Set the routers from the calibration split (or reuse an identical earlier result)."""
+def calibrate_step(
+    config: PipelineConfig, merged: dict, workspace: Path, fetched: list[dict] | None = None
+) -> dict:
+    """Set the routers from the calibration split (or reuse an identical earlier result).
+
+    ``fetched`` (the fetch step's output) gives the dense experts that ``ppl_probe`` and
+    ``ppl_sequence`` need; ``finetune`` trains on ``router.finetune.split`` when set."""
+    router = config.router
     texts = _texts_by_domain(
-        config, config.data.calibration_split, config.router.max_texts_per_domain, workspace
+        config, config.data.calibration_split, router.max_texts_per_domain, workspace
     )
-    key = content_key(merged["key"], config.router.model_dump(), texts)
+    train = None
+    if router.method == "finetune" and router.finetune.split is not None:
+        train = _texts_by_domain(
+            config, router.finetune.split, router.finetune.max_texts_per_domain, workspace
+        )
+    experts = {item["name"]: item for item in fetched or [] if item["role"] == "expert"}
+    hashes = [experts[e.name]["content_hash"] for e in config.experts if e.name in experts]
+    key = content_key(merged["key"], router.model_dump(), texts, train, hashes)
     out = workspace / "calibrated" / key
     report_file = out / "mergeme_router.json"
     if report_file.is_file():
         logger.info("reusing calibrated checkpoint %s", out)
         return {**json.loads(report_file.read_text()), "key": key}
     texts_per_expert = [texts[expert.domain] for expert in config.experts]
-    report = calibrate_routers(Path(merged["output"]), out, texts_per_expert, config.router)
+    report = calibrate_routers(
+        Path(merged["output"]),
+        out,
+        texts_per_expert,
+        router,
+        expert_paths=[Path(experts[e.name]["path"]) for e in config.experts if e.name in experts],
+        train_texts_per_expert=[train[e.domain] for e in config.experts] if train else None,
+        expert_names=[expert.name for expert in config.experts],
+    )
     return {**asdict(report), "key": key}
 
 
@@ -147,9 +173,10 @@ def evaluate_step(
         )
         rows += [asdict(score) for score in scores]
         if name == "moe":
-            shares = routing_shares(
+            counts = routing_counts(
                 model, tokenizer, texts, settings.max_length, settings.batch_size
             )
+            shares = shares_from_counts(counts)
         del model
 
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -162,12 +189,20 @@ def evaluate_step(
     metrics |= {f"eval_perplexity.{r['model']}.{r['domain']}": r["perplexity"] for r in rows}
     for domain, row in shares.items():
         metrics |= {f"routing_share.{domain}.{e}": s for e, s in zip(expert_names, row)}
+    diagnostics, diagnostic_metrics = write_routing_diagnostics(
+        counts, expert_names, report_dir / "routing", calibrated
+    )
+    metrics |= diagnostic_metrics
     return {
         "rows": rows,
         "routing_shares": shares,
         "experts": expert_names,
         "metrics": metrics,
-        "files": [str(report_dir / "eval_table.csv"), str(report_dir / "routing_shares.csv")],
+        "files": [
+            str(report_dir / "eval_table.csv"),
+            str(report_dir / "routing_shares.csv"),
+            *diagnostics,
+        ],
     }
 
 
@@ -224,4 +259,26 @@ def register_step(
         steps=step_records(config, fetched, validation, merged, calibrated, evaluation),
         data=release_data(config),
     )
+    log_loss_curves(release.run_id, calibrated.get("loss_curves") or {})
     return {**asdict(release), "tags": tags, "created": True}
+
+
+def log_loss_curves(run_id: str, curves: dict[str, list[float]]) -> None:
+    """Log router fine-tuning curves into run ``run_id`` as step metrics ``finetune.<name>``."""
+    if not curves:
+        return
+    import time
+
+    from mlflow.entities import Metric
+
+    from mlflow import MlflowClient
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"finetune.{name}", float(value), now, step)
+        for name, values in curves.items()
+        for step, value in enumerate(values)
+    ]
+    client = MlflowClient()
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 per batch
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])

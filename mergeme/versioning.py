@@ -31,8 +31,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 STEP_SOURCES: dict[str, tuple[str, ...]] = {
     "validate": ("validation", "checkpoint.py"),
     "merge": ("merge", "io", "checkpoint.py"),
-    "calibrate": ("routing", "io", "checkpoint.py", "data.py", "text_batches.py"),
-    "evaluate": ("evaluate.py", "data.py", "text_batches.py"),
+    "calibrate": ("routing", "models", "io", "checkpoint.py", "data.py", "text_batches.py"),
+    "evaluate": ("evaluate.py", "models", "routing/diagnostics.py", "data.py", "text_batches.py"),
     "register": ("registry",),
 }
 

@@ -8,6 +8,9 @@ from tasks import caching
 
 
 @task(name="route-calibrate", cache_key_fn=caching.calibrate_key, persist_result=True)
-def calibrate_routes(config: PipelineConfig, merged: dict, workspace: Path) -> dict:
-    """Set the MoE's routers from the calibration split."""
-    return calibrate_step(config, merged, workspace)
+def calibrate_routes(
+    config: PipelineConfig, merged: dict, workspace: Path, fetched: list[dict] | None = None
+) -> dict:
+    """Set the MoE's routers from the calibration split (``fetched``: the dense experts, for
+    the router methods that need them)."""
+    return calibrate_step(config, merged, workspace, fetched)

@@ -61,10 +61,14 @@ def centroid_routers(
     texts_per_expert: list[list[str]],
     max_length: int,
     batch_size: int = 8,
+    negative: str = "none",
+    negative_weight: float = 1.0,
 ) -> list[torch.Tensor]:
     """Set and return every layer's router weight, (num_experts, hidden), from centroids.
 
-    ``texts_per_expert[i]`` are the calibration texts of expert i's domain.
+    ``texts_per_expert[i]`` are the calibration texts of expert i's domain. With ``negative``
+    set to ``"other_domains"``, each row is its mean minus ``negative_weight`` times the mean
+    of the other experts' means, before normalising.
     """
     batches = [
         list(iter_batches(tokenizer, texts, max_length, batch_size)) for texts in texts_per_expert
@@ -73,6 +77,8 @@ def centroid_routers(
     for index, layer in enumerate(moe_layers(model)):
         rows = [mean_router_input(model, index, expert_batches) for expert_batches in batches]
         weight = torch.stack(rows)  # (num_experts, hidden)
+        if negative == "other_domains":
+            weight = subtract_other_means(weight, negative_weight)
         weight = weight / weight.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         gate = layer.mlp.gate.weight
         with torch.no_grad():
@@ -82,3 +88,10 @@ def centroid_routers(
         off_diagonal = cosine - torch.eye(len(rows))
         logger.debug("layer %d: max cosine between router rows %.3f", index, off_diagonal.max())
     return routers
+
+
+def subtract_other_means(means: torch.Tensor, scale: float) -> torch.Tensor:
+    """Each row minus ``scale`` times the mean of the other rows: (num_experts, hidden)."""
+    count = means.shape[0]
+    others = (means.sum(dim=0, keepdim=True) - means) / max(count - 1, 1)
+    return means - scale * others
