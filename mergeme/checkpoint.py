@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -92,6 +93,7 @@ class Checkpoint:
         self._stack = ExitStack()
         self._handles: dict[Path, object] = {}
         self._headers: dict[Path, tuple[int, dict]] = {}
+        self._descriptors: dict[Path, int] = {}
         self._tensor_files = self._map_tensors_to_files()
 
     def _read_config(self) -> dict:
@@ -190,17 +192,35 @@ class Checkpoint:
         return isinstance(self._handles.get(file), dict)
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped; the copy happens on first use)."""
+        """Read one tensor into fresh memory (one positional read; safe from any thread).
+
+        Reading with ``pread`` rather than through a memory map keeps the process's resident
+        memory at the tensors in use: pages of a map stay counted until it is closed.
+        """
         file = self.file_of(name)
         if self._is_pickle(file):
             return self._handles[file][name]
-        return self._handle(file).get_tensor(name)
+        location = self.location(name)
+        data = torch.empty(location.length, dtype=torch.uint8)  # [nbytes]
+        view = memoryview(data.numpy())
+        done = 0
+        while done < location.length:
+            count = os.preadv(self._descriptor(file), [view[done:]], location.offset + done)
+            if count == 0:
+                raise CheckpointError(f"{self.name}: {file} ends inside tensor {name!r}")
+            done += count
+        return data.view(location.dtype).reshape(self.shape(name))
+
+    def _descriptor(self, file: Path) -> int:
+        if file not in self._descriptors:
+            self._descriptors[file] = os.open(file, os.O_RDONLY)
+        return self._descriptors[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
         file = self.file_of(name)
         if self._is_pickle(file):
             return tuple(self._handles[file][name].shape)
-        return tuple(self._handle(file).get_slice(name).get_shape())
+        return tuple(self._header(file)[1][name]["shape"])
 
     def dtype_name(self, name: str) -> str:
         file = self.file_of(name)
@@ -209,15 +229,23 @@ class Checkpoint:
             return next(code for code, known in SAFETENSORS_DTYPES.items() if known == dtype)
         return self._handle(file).get_slice(name).get_dtype()
 
+    def _header(self, file: Path) -> tuple[int, dict]:
+        if file not in self._headers:
+            self._headers[file] = read_safetensors_header(file)
+        return self._headers[file]
+
     def location(self, name: str) -> TensorLocation | None:
         """Where the tensor's bytes lie on disk, or None for a pickle checkpoint."""
         file = self.file_of(name)
         if self._is_pickle(file):
             return None
-        if file not in self._headers:
-            self._headers[file] = read_safetensors_header(file)
-        data_start, header = self._headers[file]
+        data_start, header = self._header(file)
         entry = header[name]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{self.name}: tensor {name!r} in {file} has dtype {entry['dtype']}, which "
+                f"mergeme does not read ({', '.join(SAFETENSORS_DTYPES)})"
+            )
         begin, end = entry["data_offsets"]
         return TensorLocation(
             file, data_start + begin, end - begin, SAFETENSORS_DTYPES[entry["dtype"]]
@@ -237,6 +265,9 @@ class Checkpoint:
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
