@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,7 +94,9 @@ def build_moe(
         )
     jobs = plan_merge(base, experts, architecture, settings)
 
-    with atomic_folder(Path(out), overwrite=overwrite) as folder:
+    with atomic_folder(Path(out), overwrite=overwrite) as folder, ThreadPoolExecutor(1) as side:
+        # building the config imports transformers (seconds): let it overlap the tensor work
+        config_future = side.submit(architecture.moe_config, base.config, len(experts), settings)
         writer = CheckpointWriter(folder, [job.spec for job in jobs], settings.max_shard_size)
         try:
             run_jobs(jobs, writer)
@@ -102,7 +105,7 @@ def build_moe(
             raise
         writer.close()
 
-        config = architecture.moe_config(base.config, len(experts), settings)
+        config = config_future.result()
         config["dtype"] = settings.output_dtype
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for file in TOKENIZER_FILES:
