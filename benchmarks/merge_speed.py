@@ -39,6 +39,9 @@ sys.path.insert(0, str(ROOT))
 MERGEKIT_VERSION = "0.1.5"
 METHODS = ("base", "average", "ties", "dare_ties")
 NUM_EXPERTS = 4
+STARTUP_IMPORTS = (
+    "import mergeme.merge.moe_builder; import transformers.models.mixtral.configuration_mixtral"
+)
 
 # Llama shapes giving about 300 MB and about 2 GB of bf16 weights per checkpoint
 SIZES = {
@@ -251,10 +254,13 @@ def bench_size(
             commands = {"mergekit-moe": mergekit_command(mergekit, base, experts, scratch)} | (
                 commands
             )
+        # what every mergeme run pays before merging: the interpreter and its imports
+        imports = f"import sys; sys.path.insert(0, {str(ROOT)!r}); {STARTUP_IMPORTS}"
+        commands["mergeme start-up only"] = [sys.executable, "-c", imports]
         for tool, command in commands.items():
             shutil.rmtree(scratch, ignore_errors=True)
             result = measure(command, workdir / f"{name}-{tool.replace(' ', '-')}.log")
-            output_bytes = output_bytes or folder_bytes(scratch)
+            output_bytes = output_bytes or (scratch.exists() and folder_bytes(scratch))
             results.setdefault(tool, []).append(result)
             print(f"{name} run {run + 1}: {tool} {result.wall_s:.1f} s", flush=True)
         shutil.rmtree(scratch, ignore_errors=True)
