@@ -53,6 +53,9 @@ class TrunkMethod:
     defaults: dict[str, float | int | str]
     description: str
     merge: Callable[..., torch.Tensor]
+    # True: ``merge`` takes the experts in their stored dtype and converts one at a time,
+    # never changing them (less memory); False: it takes float32 copies it may overwrite
+    streams_experts: bool = False
 
 
 def _merge_base(
@@ -70,7 +73,10 @@ def _merge_average(
     weights: list[float],
     options: TrunkMergeOptions,
 ) -> torch.Tensor:
-    return _weighted_sum(experts, weights).div_(sum(weights))
+    total = torch.zeros(experts[0].shape, dtype=torch.float32)  # [*shape]
+    for w, expert in zip(weights, experts, strict=True):
+        total.add_(expert, alpha=w)  # bf16 or float32 in, float32 arithmetic
+    return total.div_(sum(weights))
 
 
 def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -86,13 +92,20 @@ def _task_vectors_in_place(base: torch.Tensor, experts: list[torch.Tensor]) -> l
     return [expert.sub_(base) for expert in experts]
 
 
+def _task_vector(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    return expert.to(torch.float32, copy=True).sub_(base)  # [*shape] float32
+
+
 def _merge_task_arithmetic(
     base: torch.Tensor,
     experts: list[torch.Tensor],
     weights: list[float],
     options: TrunkMergeOptions,
 ) -> torch.Tensor:
-    merged = _weighted_sum(_task_vectors_in_place(base, experts), weights)
+    # one float32 task vector alive at a time
+    merged = torch.zeros(base.shape, dtype=torch.float32)  # [*shape]
+    for w, expert in zip(weights, experts, strict=True):
+        merged.add_(_task_vector(base, expert), alpha=w)
     return merged.mul_(options.scale).add_(base)
 
 
@@ -153,7 +166,11 @@ def _merge_dare_linear(
     weights: list[float],
     options: TrunkMergeOptions,
 ) -> torch.Tensor:
-    merged = _weighted_sum(_dropped_task_vectors(base, experts, options), weights)
+    # one float32 task vector alive at a time
+    merged = torch.zeros(base.shape, dtype=torch.float32)  # [*shape]
+    for index, (w, expert) in enumerate(zip(weights, experts, strict=True)):
+        seed = derive_seed(options.seed, options.tensor_name, index)
+        merged.add_(drop_in_place(_task_vector(base, expert), options.density, seed), alpha=w)
     return merged.mul_(options.scale).add_(base)
 
 
@@ -182,6 +199,7 @@ TRUNK_METHODS: dict[str, TrunkMethod] = {
             defaults={},
             description="Copy the base model's tensor; the experts' trunks are ignored.",
             merge=_merge_base,
+            streams_experts=True,
         ),
         TrunkMethod(
             name="average",
@@ -190,6 +208,7 @@ TRUNK_METHODS: dict[str, TrunkMethod] = {
             defaults={},
             description="Weighted mean of the experts, normalised by the sum of the weights.",
             merge=_merge_average,
+            streams_experts=True,
         ),
         TrunkMethod(
             name="task_arithmetic",
@@ -198,6 +217,7 @@ TRUNK_METHODS: dict[str, TrunkMethod] = {
             defaults={"scale": PAPER_SCALE},
             description="base + scale * weighted sum of the task vectors.",
             merge=_merge_task_arithmetic,
+            streams_experts=True,
         ),
         TrunkMethod(
             name="ties",
@@ -214,6 +234,7 @@ TRUNK_METHODS: dict[str, TrunkMethod] = {
             defaults=dict(_SPARSE_DEFAULTS),
             description="Randomly drop task-vector entries, rescale by 1/density, sum them.",
             merge=_merge_dare_linear,
+            streams_experts=True,
         ),
         TrunkMethod(
             name="dare_ties",
@@ -325,9 +346,12 @@ def merge_trunk_tensor(
     options = TrunkMergeOptions(density, scale, ties_agreement, seed, tensor_name)
 
     # float32 arithmetic whatever the stored dtype; the merge functions may overwrite
-    # experts32 (always fresh copies) but never base32 (which may be the caller's tensor)
+    # experts32 when they are fresh copies, but never base32 (may be the caller's tensor)
     base32 = base.float() if base is not None else None
-    experts32 = [expert.to(torch.float32, copy=True) for expert in experts]
+    if entry.streams_experts:
+        experts32 = experts
+    else:
+        experts32 = [expert.to(torch.float32, copy=True) for expert in experts]
     merged = entry.merge(base32, experts32, weights, options)  # [*shape] float32
 
     result_dtype = out_dtype or (base.dtype if base is not None else experts[0].dtype)
