@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +21,38 @@ from mergeme.errors import CheckpointError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_FILE = "pytorch_model.bin"
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie in a safetensors file: ``length`` bytes from ``offset``."""
+
+    file: Path
+    offset: int
+    length: int
+    dtype: torch.dtype
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict]:
+    """``(data_start, header)`` of a safetensors file: where its data section begins and its
+    JSON header (tensor name → dtype, shape, data_offsets relative to ``data_start``)."""
+    with open(file, "rb") as stream:
+        (length,) = struct.unpack("<Q", stream.read(8))
+        return 8 + length, json.loads(stream.read(length))
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -48,15 +83,18 @@ class Checkpoint:
         CheckpointError: the folder, its config or its weight files are missing or unreadable.
     """
 
-    def __init__(self, path: str | Path, name: str | None = None):
+    def __init__(self, path: str | Path, name: str | None = None, allow_pickle: bool = False):
         self.path = Path(path)
         self.name = name or self.path.name
+        self.allow_pickle = allow_pickle
         if not self.path.is_dir():
             raise CheckpointError(f"{self.name}: checkpoint folder {self.path} does not exist")
         self.config = self._read_config()
-        self._tensor_files = self._map_tensors_to_files()
         self._stack = ExitStack()
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
+        self._descriptors: dict[Path, int] = {}
+        self._tensor_files = self._map_tensors_to_files()
 
     def _read_config(self) -> dict:
         config_path = self.path / "config.json"
@@ -85,10 +123,51 @@ class Checkpoint:
         if single.is_file():
             with safe_open(single, "pt") as handle:
                 return {name: single for name in handle.keys()}
+        pickles = self._pickle_files()
+        if pickles:
+            return self._map_pickle_tensors(pickles)
         raise CheckpointError(
             f"{self.name}: no {SINGLE_FILE} or {SAFETENSORS_INDEX} in {self.path}; "
             "save the model with safetensors (save_pretrained does by default)"
         )
+
+    def _pickle_files(self) -> list[Path]:
+        index_path = self.path / PICKLE_INDEX
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(
+                    f"{self.name}: {index_path} has no weight_map ({exc})"
+                ) from exc
+            return sorted({self.path / shard for shard in weight_map.values()})
+        single = self.path / PICKLE_FILE
+        return [single] if single.is_file() else []
+
+    def _map_pickle_tensors(self, files: list[Path]) -> dict[str, Path]:
+        """Load pickle shards with ``weights_only`` (no arbitrary code), memory-mapped.
+
+        Raises:
+            CheckpointError: pickles are not allowed, or a file cannot be loaded safely.
+        """
+        if not self.allow_pickle:
+            raise CheckpointError(
+                f"{self.name}: {files[0]} is a pickle checkpoint, and unpickling can run code; "
+                "convert it to safetensors, or set merge.allow_pickle: true to load it with "
+                "torch.load(weights_only=True)"
+            )
+        mapping = {}
+        for file in files:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ...
+                raise CheckpointError(
+                    f"{self.name}: {file} cannot be loaded with weights_only=True ({exc}); "
+                    "convert it to safetensors"
+                ) from exc
+            self._handles[file] = state
+            mapping.update({tensor: file for tensor in state})
+        return mapping
 
     # -- reading -------------------------------------------------------------------------
 
@@ -109,15 +188,68 @@ class Checkpoint:
             self._handles[file] = self._stack.enter_context(safe_open(file, "pt"))
         return self._handles[file]
 
+    def _is_pickle(self, file: Path) -> bool:
+        return isinstance(self._handles.get(file), dict)
+
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped; the copy happens on first use)."""
-        return self._handle(self.file_of(name)).get_tensor(name)
+        """Read one tensor into fresh memory (one positional read; safe from any thread).
+
+        Reading with ``pread`` rather than through a memory map keeps the process's resident
+        memory at the tensors in use: pages of a map stay counted until it is closed.
+        """
+        file = self.file_of(name)
+        if self._is_pickle(file):
+            return self._handles[file][name]
+        location = self.location(name)
+        data = torch.empty(location.length, dtype=torch.uint8)  # [nbytes]
+        view = memoryview(data.numpy())
+        done = 0
+        while done < location.length:
+            count = os.preadv(self._descriptor(file), [view[done:]], location.offset + done)
+            if count == 0:
+                raise CheckpointError(f"{self.name}: {file} ends inside tensor {name!r}")
+            done += count
+        return data.view(location.dtype).reshape(self.shape(name))
+
+    def _descriptor(self, file: Path) -> int:
+        if file not in self._descriptors:
+            self._descriptors[file] = os.open(file, os.O_RDONLY)
+        return self._descriptors[file]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self.file_of(name)).get_slice(name).get_shape())
+        file = self.file_of(name)
+        if self._is_pickle(file):
+            return tuple(self._handles[file][name].shape)
+        return tuple(self._header(file)[1][name]["shape"])
 
     def dtype_name(self, name: str) -> str:
-        return self._handle(self.file_of(name)).get_slice(name).get_dtype()
+        file = self.file_of(name)
+        if self._is_pickle(file):
+            dtype = self._handles[file][name].dtype
+            return next(code for code, known in SAFETENSORS_DTYPES.items() if known == dtype)
+        return self._handle(file).get_slice(name).get_dtype()
+
+    def _header(self, file: Path) -> tuple[int, dict]:
+        if file not in self._headers:
+            self._headers[file] = read_safetensors_header(file)
+        return self._headers[file]
+
+    def location(self, name: str) -> TensorLocation | None:
+        """Where the tensor's bytes lie on disk, or None for a pickle checkpoint."""
+        file = self.file_of(name)
+        if self._is_pickle(file):
+            return None
+        data_start, header = self._header(file)
+        entry = header[name]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{self.name}: tensor {name!r} in {file} has dtype {entry['dtype']}, which "
+                f"mergeme does not read ({', '.join(SAFETENSORS_DTYPES)})"
+            )
+        begin, end = entry["data_offsets"]
+        return TensorLocation(
+            file, data_start + begin, end - begin, SAFETENSORS_DTYPES[entry["dtype"]]
+        )
 
     def weight_files(self) -> list[Path]:
         return sorted(set(self._tensor_files.values()))
@@ -133,6 +265,9 @@ class Checkpoint:
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
+        for descriptor in self._descriptors.values():
+            os.close(descriptor)
+        self._descriptors.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -69,7 +69,10 @@ def merge(
         settings = load_config(config)
         connect(settings.registry.tracking_uri, root)
         fetched = fetch_step(settings, root)
-        checkpoints = [Checkpoint(item["path"], name=item["name"]) for item in fetched]
+        checkpoints = [
+            Checkpoint(item["path"], name=item["name"], allow_pickle=settings.merge.allow_pickle)
+            for item in fetched
+        ]
         report = build_moe(checkpoints[0], checkpoints[1:], out, settings.merge, overwrite)
     except (MergemeError, FileExistsError) as error:
         _fail(error)

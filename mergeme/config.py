@@ -17,6 +17,7 @@ from mergeme.errors import ConfigError
 TrunkMethodName = Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 RouterMethodName = Literal["centroid", "random", "ppl_probe", "finetune", "ppl_sequence"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
+SharedExpertMode = Literal["zero", "base_ffn"]
 
 
 class StrictModel(BaseModel):
@@ -72,6 +73,16 @@ class MergeConfig(StrictModel):
     experts_per_token: int = Field(2, ge=1)
     output_dtype: DTypeName = "float32"
     max_shard_size: int = Field(2 * 1024**3, ge=1024, description="Bytes per output shard.")
+    shared_expert: SharedExpertMode = Field(
+        "zero",
+        description="Qwen2-MoE only: 'zero' adds a shared expert with zero output; 'base_ffn' "
+        "uses the base model's FFN as the shared expert, gated.",
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Read pickle .bin checkpoints (with torch.load(weights_only=True)); "
+        "refused by default because unpickling can run code.",
+    )
 
 
 class CentroidSettings(StrictModel):

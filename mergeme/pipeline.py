@@ -83,9 +83,12 @@ def merge_step(config: PipelineConfig, fetched: list[dict], workspace: Path) -> 
         logger.info("reusing merged checkpoint %s", out)
         return {**json.loads(report_file.read_text()), "key": key}
     base_item = next(item for item in fetched if item["role"] == "base")
-    base = Checkpoint(base_item["path"], name=base_item["name"])
+    allow_pickle = config.merge.allow_pickle
+    base = Checkpoint(base_item["path"], name=base_item["name"], allow_pickle=allow_pickle)
     experts = [
-        Checkpoint(item["path"], name=item["name"]) for item in fetched if item["role"] == "expert"
+        Checkpoint(item["path"], name=item["name"], allow_pickle=allow_pickle)
+        for item in fetched
+        if item["role"] == "expert"
     ]
     try:
         report = build_moe(base, experts, out, config.merge)
@@ -251,7 +254,7 @@ def register_step(
         model_name=config.registry.model_name,
         alias=config.registry.alias,
         checkpoint=Path(calibrated["output"]),
-        params=json.loads(config.model_dump_json()),
+        params=release_params(config, merged),
         metrics=evaluation["metrics"],
         artifacts=artifacts,
         tags=tags,
@@ -282,3 +285,9 @@ def log_loss_curves(run_id: str, curves: dict[str, list[float]]) -> None:
     client = MlflowClient()
     for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 per batch
         client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def release_params(config: PipelineConfig, merged: dict) -> dict:
+    """The MLflow params of a release: the whole config, plus under ``trunk`` the parameters
+    the chosen trunk method actually used (density, scale, seed, agreement, weights)."""
+    return {**json.loads(config.model_dump_json()), "trunk": merged["trunk_parameters"]}

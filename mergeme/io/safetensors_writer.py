@@ -8,11 +8,18 @@ streamed to their offsets one at a time: memory holds one tensor, never a whole 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mergeme.checkpoint import TensorLocation
+
+COPY_CHUNK = 64 * 1024**2
 
 DTYPE_CODES = {
     torch.float64: "F64",
@@ -86,10 +93,16 @@ class ShardWriter:
         encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
         self._data_start = 8 + len(encoded)
         self._pending = set(self._specs)
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)))
-        self._file.write(encoded)
-        self._file.truncate(self._data_start + offset)
+        # a raw descriptor: tensors land at their offsets with pwrite / copy_file_range
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pwrite(struct.pack("<Q", len(encoded)) + encoded, 0)
+        os.ftruncate(self._fd, self._data_start + offset)
+
+    def _pwrite(self, data: memoryview | bytes, position: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, position)
+            view, position = view[written:], position + written
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self._specs[name]
@@ -99,13 +112,38 @@ class ShardWriter:
                 f"{spec.dtype} {spec.shape}"
             )
         data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.seek(self._data_start + self._offsets[name])
-        self._file.write(memoryview(data))
+        self._pwrite(memoryview(data), self._data_start + self._offsets[name])
         self._pending.discard(name)
+
+    def copy(self, name: str, source: TensorLocation) -> None:
+        """Copy a tensor's bytes straight from another safetensors file (same dtype and
+        shape as planned), without passing them through Python."""
+        spec = self._specs[name]
+        if source.length != spec.nbytes or source.dtype != spec.dtype:
+            raise ValueError(
+                f"tensor {name!r}: {source.length} bytes of {source.dtype} in {source.file} do "
+                f"not match the planned {spec.nbytes} bytes of {spec.dtype}"
+            )
+        target = self._data_start + self._offsets[name]
+        with open(source.file, "rb") as stream:
+            position, end = source.offset, source.offset + source.length
+            while position < end:
+                count = min(COPY_CHUNK, end - position)
+                try:
+                    copied = os.copy_file_range(stream.fileno(), self._fd, count, position, target)
+                except OSError:  # e.g. across file systems on old kernels: copy through memory
+                    copied = os.pwrite(self._fd, os.pread(stream.fileno(), count, position), target)
+                if copied == 0:
+                    raise ValueError(f"{source.file} ended before tensor {name!r} was copied")
+                position, target = position + copied, target + copied
+        self._pending.discard(name)
+
+    def abort(self) -> None:
+        os.close(self._fd)
 
     def close(self) -> None:
         """Close the file; raises ValueError if a planned tensor was never written."""
-        self._file.close()
+        os.close(self._fd)
         if self._pending:
             raise ValueError(f"{self.path}: tensors never written: {sorted(self._pending)[:5]}")
 
@@ -127,6 +165,9 @@ class CheckpointWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._writers[self.weight_map[name]].write(name, tensor)
 
+    def copy(self, name: str, source: TensorLocation) -> None:
+        self._writers[self.weight_map[name]].copy(name, source)
+
     def close(self) -> None:
         for writer in self._writers.values():
             writer.close()
@@ -136,4 +177,4 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         for writer in self._writers.values():
-            writer._file.close()
+            writer.abort()

@@ -2,7 +2,8 @@
 
 Trunk tensors (embeddings, attention, norms, head) are merged with a trunk method; each
 expert's FFN becomes a routed expert in every layer; routers start random (seeded) until
-route calibration replaces them. Nothing but the tensors of one output tensor's inputs is
+route calibration replaces them. ``plan.py`` lists the output tensors from metadata,
+``streaming.py`` produces and writes them; nothing but the inputs of a few output tensors is
 in memory at once.
 """
 
@@ -11,22 +12,22 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
-from tqdm import tqdm
 
 from mergeme.checkpoint import Checkpoint, compare_tensors
 from mergeme.config import MergeConfig
 from mergeme.errors import CheckpointError
 from mergeme.io.atomic import atomic_folder
-from mergeme.io.safetensors_writer import CheckpointWriter, TensorSpec
-from mergeme.merge.architectures import architecture_for, is_dense_ffn
-from mergeme.merge.trunk_methods import TRUNK_METHODS, merge_trunk_tensor
+from mergeme.io.safetensors_writer import CheckpointWriter
+from mergeme.merge.families import architecture_for
+from mergeme.merge.plan import plan_merge, trunk_parameters
+from mergeme.merge.streaming import run_jobs
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["MergeReport", "build_moe", "check_same_tensors", "trunk_parameters"]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -54,12 +55,6 @@ class MergeReport:
     total_bytes: int
 
 
-@dataclass(frozen=True)
-class _Job:
-    spec: TensorSpec
-    compute: Callable[[], torch.Tensor]
-
-
 def check_same_tensors(base: Checkpoint, experts: list[Checkpoint]) -> None:
     """Raise CheckpointError listing every expert tensor that is missing, extra, or shaped
     differently from the base."""
@@ -71,75 +66,6 @@ def check_same_tensors(base: Checkpoint, experts: list[Checkpoint]) -> None:
             f"experts differ from the base: {shown}{more}; every expert must be a fine-tune "
             "of the same base architecture"
         )
-
-
-def trunk_parameters(settings: MergeConfig) -> dict:
-    """The parameters the chosen trunk method actually uses (logged as MLflow params)."""
-    method = TRUNK_METHODS[settings.trunk_method]
-    values = {
-        "density": settings.density,
-        "scale": settings.scale,
-        "ties_agreement": settings.ties_agreement,
-        "seed": settings.seed,
-    }
-    used = {key: values[key] for key in method.defaults if key in values}
-    if settings.expert_weights is not None:
-        used["expert_weights"] = list(settings.expert_weights)
-    return used
-
-
-def _plan(
-    base: Checkpoint, experts: list[Checkpoint], settings: MergeConfig, out_dtype: torch.dtype
-) -> list[_Job]:
-    architecture = architecture_for(base.config)
-    method = TRUNK_METHODS[settings.trunk_method]
-    params = trunk_parameters(settings)
-    params.pop("expert_weights", None)
-    jobs: list[_Job] = []
-
-    # trunk: every dense tensor that is not an FFN weight
-    for name in base.tensor_names():
-        if is_dense_ffn(name):
-            continue
-
-        def merge_one(name: str = name) -> torch.Tensor:
-            return merge_trunk_tensor(
-                settings.trunk_method,
-                base.get(name) if method.needs_base else None,
-                [expert.get(name) for expert in experts],
-                weights=settings.expert_weights,
-                tensor_name=name,
-                out_dtype=out_dtype,
-                **params,
-            )
-
-        jobs.append(_Job(TensorSpec(name, out_dtype, base.shape(name)), merge_one))
-
-    # routed experts: expert i's FFN becomes expert slot i of every layer
-    for index, expert in enumerate(experts):
-        for name in filter(is_dense_ffn, expert.tensor_names()):
-            target = architecture.expert_tensor_name(name, index)
-            jobs.append(
-                _Job(
-                    TensorSpec(target, out_dtype, expert.shape(name)),
-                    lambda expert=expert, name=name: expert.get(name).to(out_dtype),
-                )
-            )
-
-    # routers last, so that calibration rewrites only the final shard
-    hidden = base.config["hidden_size"]
-    std = float(base.config.get("initializer_range", 0.02))
-    for layer in range(base.config["num_hidden_layers"]):
-        generator = torch.Generator().manual_seed(settings.seed * 100_003 + layer)
-
-        def random_router(generator: torch.Generator = generator) -> torch.Tensor:
-            # (num_experts, hidden)
-            weight = torch.randn(len(experts), hidden, generator=generator) * std
-            return weight.to(out_dtype)
-
-        name = architecture.router_name(layer)
-        jobs.append(_Job(TensorSpec(name, out_dtype, (len(experts), hidden)), random_router))
-    return jobs
 
 
 def build_moe(
@@ -166,20 +92,20 @@ def build_moe(
             "%d experts is not a power of two; llama.cpp and some servers expect 2, 4 or 8",
             len(experts),
         )
-    out_dtype = getattr(torch, settings.output_dtype)
-    jobs = _plan(base, experts, settings, out_dtype)
+    jobs = plan_merge(base, experts, architecture, settings)
 
-    with atomic_folder(Path(out), overwrite=overwrite) as folder:
+    with atomic_folder(Path(out), overwrite=overwrite) as folder, ThreadPoolExecutor(1) as side:
+        # building the config imports transformers (seconds): let it overlap the tensor work
+        config_future = side.submit(architecture.moe_config, base.config, len(experts), settings)
         writer = CheckpointWriter(folder, [job.spec for job in jobs], settings.max_shard_size)
         try:
-            for job in tqdm(jobs, desc=f"merging {len(experts)} experts", unit="tensor"):
-                writer.write(job.spec.name, job.compute())
+            run_jobs(jobs, writer)
         except BaseException:
             writer.abort()
             raise
         writer.close()
 
-        config = architecture.moe_config(base.config, len(experts), settings.experts_per_token)
+        config = config_future.result()
         config["dtype"] = settings.output_dtype
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for file in TOKENIZER_FILES:

@@ -1,7 +1,8 @@
 """Sparsifying a task vector: keep its largest entries (TIES) or drop entries at random (DARE).
 
-Both helpers take one float task vector and return a new tensor of the same shape; neither
-changes its input.
+``keep_largest_magnitude`` and ``drop_and_rescale`` return a new tensor and leave their input
+alone; the ``*_in_place`` variants overwrite their input, which saves a full-size allocation
+per expert and tensor when the caller owns the task vector.
 """
 
 from __future__ import annotations
@@ -10,6 +11,12 @@ import hashlib
 import math
 
 import torch
+
+# below this many entries torch.kthvalue is fast enough on its own
+SMALL_SELECTION = 1 << 20
+SAMPLE_SIZE = 1 << 16
+# sample ranks either side of the target: about 8 standard deviations of a sample quantile
+SAMPLE_MARGIN = 1024
 
 
 def keep_count(numel: int, density: float) -> int:
@@ -24,8 +31,32 @@ def keep_count(numel: int, density: float) -> int:
     return min(numel, max(1, math.floor(density * numel + 0.5)))
 
 
-def keep_largest_magnitude(task_vector: torch.Tensor, density: float) -> torch.Tensor:
-    """Return ``task_vector`` with all but its largest-magnitude entries set to zero.
+def kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank``-th smallest (1-based) entry of the flat tensor ``values``, exactly.
+
+    ``torch.kthvalue`` is single-threaded and slow on tens of millions of entries, so on large
+    tensors a strided sample first brackets the answer; only the entries inside the bracket
+    are then selected exactly. If the bracket misses (very unlikely), the full selection runs.
+    """
+    numel = values.numel()
+    if numel <= SMALL_SELECTION:
+        return torch.kthvalue(values, rank).values
+
+    # bracket the quantile with sample ranks about 8 standard deviations either side
+    sample = values[:: numel // SAMPLE_SIZE].sort().values  # [~SAMPLE_SIZE]
+    middle = int(rank / numel * sample.numel())
+    low = sample[max(0, middle - SAMPLE_MARGIN)]
+    high = sample[min(sample.numel() - 1, middle + SAMPLE_MARGIN)]
+
+    below = int((values < low).sum())
+    inside = values[(values >= low) & (values <= high)]  # [band]
+    if below < rank <= below + inside.numel():
+        return torch.kthvalue(inside, rank - below).values
+    return torch.kthvalue(values, rank).values
+
+
+def trim_in_place(task_vector: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the largest-magnitude entries of ``task_vector``, in place; return it.
 
     Keeps ``keep_count(numel, density)`` entries. Entries whose magnitude equals the
     threshold are kept in flat (row-major) index order until the count is reached, so the
@@ -34,19 +65,26 @@ def keep_largest_magnitude(task_vector: torch.Tensor, density: float) -> torch.T
     numel = task_vector.numel()
     k = keep_count(numel, density)
     if k >= numel:
-        return task_vector.clone()
+        return task_vector
 
     # threshold: the k-th largest magnitude is the (numel - k + 1)-th smallest
     magnitude = task_vector.abs().flatten()  # [numel]
-    threshold = torch.kthvalue(magnitude, numel - k + 1).values  # []
+    threshold = kth_smallest(magnitude, numel - k + 1)  # []
+    keep = magnitude >= threshold  # [numel] bool
 
-    # everything above the threshold, then the first tied entries by flat index
-    keep = magnitude > threshold  # [numel] bool
-    tied = torch.nonzero(magnitude == threshold).squeeze(1)  # [n_tied], ascending
-    n_from_tied = k - int(keep.sum())
-    keep[tied[:n_from_tied]] = True
+    # more than k at or above the threshold: keep only the first tied entries by flat index
+    if int(keep.sum()) > k:
+        keep = magnitude > threshold
+        tied = torch.nonzero(magnitude == threshold).squeeze(1)  # [n_tied], ascending
+        keep[tied[: k - int(keep.sum())]] = True
 
-    return torch.where(keep.view_as(task_vector), task_vector, 0.0)
+    return task_vector.masked_fill_(keep.logical_not_().view_as(task_vector), 0.0)
+
+
+def keep_largest_magnitude(task_vector: torch.Tensor, density: float) -> torch.Tensor:
+    """Return a copy of ``task_vector`` with all but its largest-magnitude entries set to
+    zero (see ``trim_in_place`` for the count and the order of tied entries)."""
+    return trim_in_place(task_vector.clone(), density)
 
 
 def derive_seed(seed: int, tensor_name: str, expert_index: int) -> int:
@@ -60,15 +98,21 @@ def derive_seed(seed: int, tensor_name: str, expert_index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def drop_and_rescale(task_vector: torch.Tensor, density: float, seed: int) -> torch.Tensor:
-    """Return ``task_vector`` with each entry dropped with probability ``1 - density``.
+def drop_in_place(task_vector: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """Drop each entry of ``task_vector`` with probability ``1 - density`` and divide the
+    kept ones by ``density`` (so the expected value is unchanged), in place; return it.
 
-    Kept entries are divided by ``density`` so the expected value equals the input. The mask
-    is drawn on the CPU from a generator seeded with ``seed``, then moved to the tensor's
-    device, so the same seed gives the same mask on every device.
+    The mask is drawn on the CPU from a generator seeded with ``seed``, then moved to the
+    tensor's device, so the same seed gives the same mask on every device.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
     # torch.rand lies in [0, 1): density 1 keeps every entry
-    keep = torch.rand(task_vector.shape, generator=generator) < density  # [*shape] bool
-    keep = keep.to(task_vector.device)
-    return torch.where(keep, task_vector / density, 0.0)
+    draws = torch.rand(task_vector.shape, generator=generator)  # [*shape]
+    dropped = (draws >= density).to(task_vector.device)  # [*shape] bool
+    return task_vector.div_(density).masked_fill_(dropped, 0.0)
+
+
+def drop_and_rescale(task_vector: torch.Tensor, density: float, seed: int) -> torch.Tensor:
+    """Return a copy of ``task_vector`` with the DARE drop and rescale applied
+    (see ``drop_in_place``)."""
+    return drop_in_place(task_vector.clone(), density, seed)

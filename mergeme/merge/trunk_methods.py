@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from mergeme.merge.sparsify import derive_seed, drop_and_rescale, keep_largest_magnitude
+from mergeme.merge.sparsify import derive_seed, drop_in_place, trim_in_place
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class TrunkMethod:
 
     ``merge(base, experts, weights, options)`` takes float32 tensors (``base`` may be None when
     ``needs_base`` is false) and the weights as a list of floats, and returns a float32 tensor.
+    It owns ``experts`` and may overwrite them (to save memory); it never changes ``base``.
     """
 
     name: str
@@ -52,6 +53,9 @@ class TrunkMethod:
     defaults: dict[str, float | int | str]
     description: str
     merge: Callable[..., torch.Tensor]
+    # True: ``merge`` takes the experts in their stored dtype and converts one at a time,
+    # never changing them (less memory); False: it takes float32 copies it may overwrite
+    streams_experts: bool = False
 
 
 def _merge_base(
@@ -69,8 +73,27 @@ def _merge_average(
     weights: list[float],
     options: TrunkMergeOptions,
 ) -> torch.Tensor:
-    total = sum(w * expert for w, expert in zip(weights, experts, strict=True))  # [*shape]
-    return total / sum(weights)
+    total = torch.zeros(experts[0].shape, dtype=torch.float32)  # [*shape]
+    for w, expert in zip(weights, experts, strict=True):
+        total.add_(expert, alpha=w)  # bf16 or float32 in, float32 arithmetic
+    return total.div_(sum(weights))
+
+
+def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Σ wᵢ tensorᵢ in one new accumulator (no per-term temporaries)."""
+    total = torch.zeros_like(tensors[0])  # [*shape]
+    for w, tensor in zip(weights, tensors, strict=True):
+        total.add_(tensor, alpha=w)
+    return total
+
+
+def _task_vectors_in_place(base: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.Tensor]:
+    # the experts are our own float32 copies: turn each into its task vector in place
+    return [expert.sub_(base) for expert in experts]
+
+
+def _task_vector(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    return expert.to(torch.float32, copy=True).sub_(base)  # [*shape] float32
 
 
 def _merge_task_arithmetic(
@@ -79,30 +102,36 @@ def _merge_task_arithmetic(
     weights: list[float],
     options: TrunkMergeOptions,
 ) -> torch.Tensor:
-    merged = sum(w * (expert - base) for w, expert in zip(weights, experts, strict=True))
-    return base + options.scale * merged
+    # one float32 task vector alive at a time
+    merged = torch.zeros(base.shape, dtype=torch.float32)  # [*shape]
+    for w, expert in zip(weights, experts, strict=True):
+        merged.add_(_task_vector(base, expert), alpha=w)
+    return merged.mul_(options.scale).add_(base)
 
 
 def _combine_by_elected_sign(
     task_vectors: list[torch.Tensor], weights: list[float], agreement: TiesAgreement
 ) -> torch.Tensor:
-    """Elect a sign per coordinate and combine the entries that agree with it.
+    """Elect a sign per coordinate and combine the entries that agree with it; overwrites
+    the task vectors.
 
     The elected sign is that of the weighted sum, i.e. the sign with the larger total
     magnitude. Zero entries (sign 0) never match a nonzero elected sign; a coordinate whose
     weighted sum is exactly zero elects sign 0, so only its zero entries match and it merges to 0.
     """
-    elected = torch.sign(sum(w * tv for w, tv in zip(weights, task_vectors, strict=True)))
+    elected = _weighted_sum(task_vectors, weights).sign_()  # [*shape] in {-1, 0, 1}
 
-    # [*shape] accumulators, one task vector at a time to avoid stacking them all
-    agreeing_sum = torch.zeros_like(elected)
-    agreeing_weight = torch.zeros_like(elected)
+    # tv * elected, clamped at 0, is |tv| where tv agrees with a nonzero elected sign, else 0
+    agreeing_sum = torch.zeros_like(elected)  # [*shape], magnitudes
+    agreeing_weight = torch.zeros_like(elected) if agreement == "mean" else None
     for w, tv in zip(weights, task_vectors, strict=True):
-        agrees = torch.sign(tv) == elected  # [*shape] bool
-        agreeing_sum += torch.where(agrees, w * tv, 0.0)
-        agreeing_weight += torch.where(agrees, w, 0.0)
+        agreeing = tv.mul_(elected).clamp_(min=0.0)
+        agreeing_sum.add_(agreeing, alpha=w)
+        if agreeing_weight is not None:
+            agreeing_weight.add_((agreeing > 0).to(agreeing_weight.dtype), alpha=w)
+    agreeing_sum.mul_(elected)  # magnitudes back to signed values
 
-    if agreement == "sum":
+    if agreeing_weight is None:
         return agreeing_sum
     # weighted mean; with unit weights this divides by the number of agreeing entries
     has_agreement = agreeing_weight > 0
@@ -115,9 +144,10 @@ def _merge_ties(
     weights: list[float],
     options: TrunkMergeOptions,
 ) -> torch.Tensor:
-    trimmed = [keep_largest_magnitude(expert - base, options.density) for expert in experts]
+    task_vectors = _task_vectors_in_place(base, experts)
+    trimmed = [trim_in_place(tv, options.density) for tv in task_vectors]
     merged = _combine_by_elected_sign(trimmed, weights, options.ties_agreement)
-    return base + options.scale * merged
+    return merged.mul_(options.scale).add_(base)
 
 
 def _dropped_task_vectors(
@@ -125,12 +155,8 @@ def _dropped_task_vectors(
 ) -> list[torch.Tensor]:
     # one generator per (seed, tensor, expert): the same bytes in any call order or thread
     return [
-        drop_and_rescale(
-            expert - base,
-            options.density,
-            derive_seed(options.seed, options.tensor_name, index),
-        )
-        for index, expert in enumerate(experts)
+        drop_in_place(tv, options.density, derive_seed(options.seed, options.tensor_name, index))
+        for index, tv in enumerate(_task_vectors_in_place(base, experts))
     ]
 
 
@@ -140,9 +166,12 @@ def _merge_dare_linear(
     weights: list[float],
     options: TrunkMergeOptions,
 ) -> torch.Tensor:
-    dropped = _dropped_task_vectors(base, experts, options)
-    merged = sum(w * tv for w, tv in zip(weights, dropped, strict=True))
-    return base + options.scale * merged
+    # one float32 task vector alive at a time
+    merged = torch.zeros(base.shape, dtype=torch.float32)  # [*shape]
+    for index, (w, expert) in enumerate(zip(weights, experts, strict=True)):
+        seed = derive_seed(options.seed, options.tensor_name, index)
+        merged.add_(drop_in_place(_task_vector(base, expert), options.density, seed), alpha=w)
+    return merged.mul_(options.scale).add_(base)
 
 
 def _merge_dare_ties(
@@ -153,7 +182,7 @@ def _merge_dare_ties(
 ) -> torch.Tensor:
     dropped = _dropped_task_vectors(base, experts, options)
     merged = _combine_by_elected_sign(dropped, weights, options.ties_agreement)
-    return base + options.scale * merged
+    return merged.mul_(options.scale).add_(base)
 
 
 _TIES_REFERENCE = "Yadav et al. 2023, TIES-Merging, arXiv 2306.01708"
@@ -170,6 +199,7 @@ TRUNK_METHODS: dict[str, TrunkMethod] = {
             defaults={},
             description="Copy the base model's tensor; the experts' trunks are ignored.",
             merge=_merge_base,
+            streams_experts=True,
         ),
         TrunkMethod(
             name="average",
@@ -178,6 +208,7 @@ TRUNK_METHODS: dict[str, TrunkMethod] = {
             defaults={},
             description="Weighted mean of the experts, normalised by the sum of the weights.",
             merge=_merge_average,
+            streams_experts=True,
         ),
         TrunkMethod(
             name="task_arithmetic",
@@ -186,6 +217,7 @@ TRUNK_METHODS: dict[str, TrunkMethod] = {
             defaults={"scale": PAPER_SCALE},
             description="base + scale * weighted sum of the task vectors.",
             merge=_merge_task_arithmetic,
+            streams_experts=True,
         ),
         TrunkMethod(
             name="ties",
@@ -202,6 +234,7 @@ TRUNK_METHODS: dict[str, TrunkMethod] = {
             defaults=dict(_SPARSE_DEFAULTS),
             description="Randomly drop task-vector entries, rescale by 1/density, sum them.",
             merge=_merge_dare_linear,
+            streams_experts=True,
         ),
         TrunkMethod(
             name="dare_ties",
@@ -312,9 +345,13 @@ def merge_trunk_tensor(
         )
     options = TrunkMergeOptions(density, scale, ties_agreement, seed, tensor_name)
 
-    # float32 arithmetic whatever the stored dtype
+    # float32 arithmetic whatever the stored dtype; the merge functions may overwrite
+    # experts32 when they are fresh copies, but never base32 (may be the caller's tensor)
     base32 = base.float() if base is not None else None
-    experts32 = [expert.float() for expert in experts]
+    if entry.streams_experts:
+        experts32 = experts
+    else:
+        experts32 = [expert.to(torch.float32, copy=True) for expert in experts]
     merged = entry.merge(base32, experts32, weights, options)  # [*shape] float32
 
     result_dtype = out_dtype or (base.dtype if base is not None else experts[0].dtype)
