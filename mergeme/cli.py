@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mergeme.errors import MergemeError
-from mergeme.workspace import configure_environment
+from mergeme.workspace import configure_environment, configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 logger = logging.getLogger("mergeme")
@@ -26,7 +26,7 @@ WorkspaceOption = Annotated[
 
 def _setup(workspace: Path | None) -> Path:
     root = configure_environment(workspace, override=workspace is not None)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     return root
 
 

@@ -6,14 +6,13 @@ Registered on the main app by :func:`add_release_commands`.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from mergeme.errors import MergemeError
-from mergeme.workspace import configure_environment
+from mergeme.workspace import configure_environment, configure_logging
 
 TrackingOption = Annotated[
     str | None,
@@ -40,7 +39,7 @@ StageOption = Annotated[
 
 def _connect(workspace: Path | None, tracking_uri: str | None) -> Path:
     root = configure_environment(workspace, override=workspace is not None)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from mergeme.registry.store import connect
 
     connect(tracking_uri, root)

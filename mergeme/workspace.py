@@ -54,3 +54,11 @@ def configure_environment(explicit: str | Path | None = None, override: bool = F
 
 def default_tracking_uri(root: Path) -> str:
     return f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+
+
+def configure_logging() -> None:
+    """mergeme's own milestones at INFO; other libraries (GX, httpx, ...) only from WARNING."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mergeme").setLevel(logging.INFO)

@@ -18,7 +18,7 @@ from mergeme.checkpoint import Checkpoint
 from mergeme.config import RouterConfig
 from mergeme.io.atomic import atomic_folder
 from mergeme.io.derive import derive_checkpoint
-from mergeme.merge.architectures import architecture_for_moe
+from mergeme.merge.families import architecture_for_moe
 from mergeme.routing.centroid import centroid_routers
 from mergeme.routing.diagnostics import condition_number, warn_on_ill_conditioned
 from mergeme.routing.finetune import finetune_moe

@@ -17,7 +17,7 @@ import pandas as pd
 
 from mergeme.checkpoint import Checkpoint, hash_weight_files
 from mergeme.errors import CheckpointError, MergemeError, UnsupportedArchitectureError
-from mergeme.merge.architectures import architecture_for
+from mergeme.merge.families import architecture_for
 from mergeme.validation import compatibility as compat
 from mergeme.validation.files import CheckpointInventory, inspect_checkpoint
 from mergeme.validation.problems import Problem
