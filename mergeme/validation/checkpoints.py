@@ -92,13 +92,15 @@ def _pair_problems(
     return problems
 
 
-def _open_readable(inventories: dict[str, CheckpointInventory]) -> dict[str, Checkpoint]:
+def _open_readable(
+    inventories: dict[str, CheckpointInventory], allow_pickle: bool = False
+) -> dict[str, Checkpoint]:
     opened = {}
     for name, inventory in inventories.items():
         if not inventory.readable:
             continue
         try:
-            opened[name] = Checkpoint(inventory.path, name=name)
+            opened[name] = Checkpoint(inventory.path, name=name, allow_pickle=allow_pickle)
         except CheckpointError as exc:
             inventory.problems.append(Problem("weights_missing", str(exc)))
     return opened
@@ -159,7 +161,7 @@ def validate_checkpoints(
     for inventory in inventories.values():
         inventory.problems += shape_problems(inventory) if inventory.readable else []
 
-    opened = _open_readable(inventories)
+    opened = _open_readable(inventories, allow_pickle)
     for inventory in inventories.values():
         report.add(inventory.problems)
     try:

@@ -317,6 +317,7 @@ def _read_weights(inventory: CheckpointInventory, allow_pickle: bool) -> None:
         )
     elif pickles:
         logger.warning("%s: pickle weights %s allowed by merge.allow_pickle", label, pickles)
+        _read_pickle_metadata(inventory)
     else:
         inventory.problems.append(
             Problem(
@@ -325,6 +326,26 @@ def _read_weights(inventory: CheckpointInventory, allow_pickle: bool) -> None:
                 "with safetensors (save_pretrained does by default)",
             )
         )
+
+
+def _read_pickle_metadata(inventory: CheckpointInventory) -> None:
+    """Tensor names, dtypes and shapes of an allowed pickle checkpoint, loaded with
+    ``weights_only`` and memory-mapped (a pickle has no header to read on its own)."""
+    from mergeme.checkpoint import SAFETENSORS_DTYPES, Checkpoint
+    from mergeme.errors import CheckpointError
+
+    codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+    try:
+        with Checkpoint(inventory.path, name=inventory.name, allow_pickle=True) as checkpoint:
+            for tensor in checkpoint.tensor_names():
+                value = checkpoint.get(tensor)
+                inventory.tensors[tensor] = TensorEntry(
+                    codes.get(value.dtype, str(value.dtype)),
+                    tuple(value.shape),
+                    checkpoint.file_of(tensor),
+                )
+    except CheckpointError as exc:
+        inventory.problems.append(Problem("pickle_weights", str(exc)))
 
 
 def inspect_checkpoint(

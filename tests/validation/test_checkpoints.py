@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from mergeme.validation.checkpoints import validate_checkpoints
@@ -76,3 +77,43 @@ def test_a_missing_weight_tensor_is_named(tiny_family, tmp_path):
         ("base", tiny_family.base), _experts(tiny_family, math=folder), tmp_path / "r"
     )
     assert "'math': tensor 'model.norm.weight' of the base is missing" in report.problems
+
+
+def _as_pickle(folder):
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(tensors, folder / "pytorch_model.bin")
+    return tensors
+
+
+def test_an_allowed_pickle_expert_is_validated_like_safetensors(tiny_family, tmp_path):
+    folder = _copy(tiny_family, "math", tmp_path)
+    tensors = _as_pickle(folder)
+    experts = _experts(tiny_family, math=folder)
+
+    refused = validate_checkpoints(("base", tiny_family.base), experts, tmp_path / "refused")
+    assert refused.kinds == ["pickle_weights"]
+
+    allowed = validate_checkpoints(
+        ("base", tiny_family.base), experts, tmp_path / "allowed", allow_pickle=True
+    )
+    assert allowed.success, allowed.problems
+    stats = (tmp_path / "allowed" / "tensor_stats.csv").read_text()
+    assert sum(f"math,{name}," in stats for name in tensors) == len(tensors)
+
+
+def test_a_nan_in_an_allowed_pickle_is_still_named(tiny_family, tmp_path):
+    folder = _copy(tiny_family, "code", tmp_path)
+    tensors = _as_pickle(folder)
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name][1, 2] = float("inf")
+    torch.save(tensors, folder / "pytorch_model.bin")
+
+    report = validate_checkpoints(
+        ("base", tiny_family.base),
+        _experts(tiny_family, code=folder),
+        tmp_path / "r",
+        allow_pickle=True,
+    )
+    assert not report.success
+    assert any("'code'" in p and name in p and "finite" in p for p in report.problems)
