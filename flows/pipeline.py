@@ -2,11 +2,12 @@
 
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from mergeme.config import load_config
 from mergeme.registry.store import connect
+from mergeme.report import release_summary
 from mergeme.workspace import workspace_root
 from tasks.calibrate import calibrate_routes
 from tasks.evaluate import evaluate_models
@@ -34,6 +35,8 @@ def merge_pipeline(config_path: str, workspace: str | None = None) -> dict:
     release = register_moe(
         config, Path(config_path), root, fetched, validation, merged, calibrated, evaluation
     )
+    # what a scheduled run did, in the flow run's logs (the CLI prints the full report)
+    get_run_logger().info(release_summary(release))
     return {
         "fetched": fetched,
         "validation": validation,

@@ -33,6 +33,11 @@ def format_eval_table(evaluation: dict) -> str:
     return text
 
 
+def release_summary(release: dict) -> str:
+    """One line: the version registered, or why nothing new was."""
+    return format_release(release).splitlines()[0]
+
+
 def format_release(release: dict) -> str:
     """The registered version and its lineage tags."""
     if release.get("created") is False:
