@@ -24,7 +24,7 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         import torch
 
         max_new_tokens = int((params or {}).get("max_new_tokens", 16))
