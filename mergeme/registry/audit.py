@@ -185,7 +185,7 @@ def format_lineage(lineage: dict) -> str:
         for d in lineage["data"]["datasets"]
     ]
     if datasets:
-        parts += ["", _table(datasets, ("data input", "dataset", "digest (DVC md5)", "git"))]
+        parts += ["", _table(datasets, ("data input", "dataset", "digest (of file md5s)", "git"))]
     rest = {k: v for k, v in lineage.items() if k != "checkpoints"}
     rest["data"] = {k: v for k, v in lineage["data"].items() if k != "datasets"}
     flat = flatten_lineage(rest)

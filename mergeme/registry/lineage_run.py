@@ -117,15 +117,16 @@ def data_inputs(
     split_md5: dict[str, dict[str, str]],
 ) -> list[DataInput]:
     """The calibration and eval splits, each with its own digest (:func:`split_digest`) and,
-    as tags, the data stage's DVC md5 (``uncommitted``: the data differs from dvc.lock), the
-    per-file md5s and the git revision.
+    as tags, the data stage's DVC md5s (``dvc_md5.<output>``; ``uncommitted``: the data
+    differs from dvc.lock), each domain file's md5 (``md5.<domain>``) and the git revision.
 
     ``split_md5`` maps a split name to ``{domain: md5 of that domain's file}``.
     """
     from mergeme.registry.lineage import git_revision
 
     revision = git_revision(Path(config.data.root))
-    stage_md5 = json.dumps(dvc_md5, sort_keys=True) if dvc_md5 else "none"
+    # one tag per md5: an input tag holds at most 500 characters
+    stage_tags = {f"dvc_md5.{out}": md5 for out, md5 in sorted(dvc_md5.items())}
     result = []
     for name, split in (
         ("calibration", config.data.calibration_split),
@@ -133,10 +134,10 @@ def data_inputs(
     ):
         files = {d: str(split_path(config.data.root, d, split)) for d in config.domains()}
         tags = {
-            "dvc_md5": stage_md5,
+            **stage_tags,
             "dvc_stage": config.data.dvc_stage,
             "dvc_uncommitted": str(uncommitted).lower(),
-            "split_md5": json.dumps(split_md5[split], sort_keys=True),
+            **{f"md5.{domain}": md5 for domain, md5 in sorted(split_md5[split].items())},
             "git_revision": revision,
         }
         result.append(DataInput(name, split, files, split_digest(split_md5[split]), tags))

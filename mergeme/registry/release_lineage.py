@@ -126,6 +126,20 @@ def existing_release(config: PipelineConfig, calibrated: dict, fetched: list[dic
     }
 
 
+def _run_or_none(client, run_id: str | None):
+    """The run, or None when there is none or it was deleted for good."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        if is_outage(exc):
+            raise
+        return None
+
+
 def finish_release(name: str, version: str, run_id: str | None, alias: str | None) -> str | None:
     """Complete a release whose registration stopped after its version was created (its run
     lacks the ``mergeme.registered_version`` tag): point ``alias`` at it, tag the run and
@@ -137,7 +151,7 @@ def finish_release(name: str, version: str, run_id: str | None, alias: str | Non
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    run = client.get_run(run_id) if run_id else None
+    run = _run_or_none(client, run_id)
     marker = f"{name}/{version}"
     interrupted = run is not None and run.data.tags.get(REGISTERED_TAG) != marker
     aliases = {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
