@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,24 +56,72 @@ def read_safetensors_header(file: Path) -> tuple[int, dict]:
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# the other files that decide what a checkpoint computes and how it reads text: the model
+# and generation configs, the tokenizer, and custom model code a config may point at
+DEFINITION_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+    "*.py",
+)
+FileDigest = Callable[[Path], str]
 
 
-def hash_weight_files(folder: Path) -> str:
-    """sha256 over the names and bytes of every weight file in ``folder`` (sorted by name).
+def sha256_file(file: Path) -> str:
+    """The sha256 (hex) of one file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _matching(folder: Path, patterns: tuple[str, ...]) -> list[Path]:
+    found = {file for pattern in patterns for file in Path(folder).glob(pattern)}
+    return sorted(file for file in found if file.is_file())
+
+
+def _hash_listing(files: list[Path], file_digest: FileDigest) -> str:
+    """sha256 over each file's name and sha256, in name order."""
+    digest = hashlib.sha256()
+    for file in sorted(files, key=lambda f: f.name):
+        digest.update(f"{file.name}\0{file_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = _matching(folder, WEIGHT_PATTERNS)
+    if not files:
+        raise CheckpointError(f"{folder} holds no weight files (*.safetensors or *.bin)")
+    return files
+
+
+def hash_weight_files(folder: Path, file_digest: FileDigest = sha256_file) -> str:
+    """The identity of the weights alone: a sha256 over the names and sha256s of the weight
+    files in ``folder`` (``file_digest`` may answer from a cache).
 
     Raises:
         CheckpointError: the folder holds no weight file.
     """
-    files = sorted({file for pattern in WEIGHT_PATTERNS for file in Path(folder).glob(pattern)})
-    if not files:
-        raise CheckpointError(f"{folder} holds no weight files (*.safetensors or *.bin)")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as stream:
-            for block in iter(lambda: stream.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return _hash_listing(_weight_files(folder), file_digest)
+
+
+def hash_checkpoint(folder: Path, file_digest: FileDigest = sha256_file) -> str:
+    """The identity of the whole checkpoint: like :func:`hash_weight_files`, over the weight
+    files and every file of :data:`DEFINITION_PATTERNS` (config, generation config,
+    tokenizer, custom code), so editing any of them changes the hash.
+
+    Raises:
+        CheckpointError: the folder holds no weight file.
+    """
+    files = {*_weight_files(folder), *_matching(folder, DEFINITION_PATTERNS)}
+    return _hash_listing(sorted(files), file_digest)
 
 
 class Checkpoint:
@@ -259,8 +307,9 @@ class Checkpoint:
             yield name, self.get(name)
 
     def content_hash(self) -> str:
-        """sha256 over the weight files' names and bytes: the identity of the weights."""
-        return hash_weight_files(self.path)
+        """The identity of the checkpoint (weights, config, tokenizer): see
+        :func:`hash_checkpoint`."""
+        return hash_checkpoint(self.path)
 
     def close(self) -> None:
         self._stack.close()

@@ -32,5 +32,9 @@ class RegistryUnavailable(MergemeError):
     """The MLflow tracking server or registry did not answer; retrying may help."""
 
 
+class RegistryError(MergemeError):
+    """The MLflow tracking store or registry refused a request (not an outage)."""
+
+
 class PromotionRefused(MergemeError):
     """A release failed the promotion policy; the message names each failed check."""

@@ -2,7 +2,10 @@
 
 Sources: a local folder; a Hugging Face repo at a revision (through ``huggingface_hub``,
 offline against its cache by default); a registered MLflow model by version or alias.
-Every fetched checkpoint records what it resolved to and a hash of its weight files.
+Every fetched checkpoint records what it resolved to, a content hash over its weights,
+config and tokenizer files (what later steps are keyed on), and a hash of the weights alone.
+File hashes are remembered in the workspace (:mod:`mergeme.file_hashes`), so an unchanged
+checkpoint is not read again.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergeme.checkpoint import hash_weight_files
+from mergeme.checkpoint import hash_checkpoint, hash_weight_files
 from mergeme.config import HuggingFaceSource, LocalSource, MlflowSource
 from mergeme.errors import CheckpointError, SourceError
+from mergeme.file_hashes import FileHashCache
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +32,8 @@ class FetchedCheckpoint:
     path: str
     source: str  # the configured source, as text
     resolved: str  # commit hash, registry version, or "local"
-    content_hash: str
+    content_hash: str  # weights, config, generation config, tokenizer
+    weights_hash: str  # the weight files alone
 
 
 def _fetch_huggingface(source: HuggingFaceSource) -> tuple[Path, str]:
@@ -80,8 +85,10 @@ def fetch_checkpoint(
     domain: str | None,
     source: LocalSource | HuggingFaceSource | MlflowSource,
     workspace: Path,
+    hashes: FileHashCache | None = None,
 ) -> FetchedCheckpoint:
-    """Resolve ``source`` to a local folder and hash its weights.
+    """Resolve ``source`` to a local folder and hash its files (through ``hashes``, which
+    remembers unchanged files; the caller saves it).
 
     Raises:
         SourceError: the source cannot be found or holds no weights.
@@ -94,11 +101,13 @@ def fetch_checkpoint(
         folder, resolved = _fetch_huggingface(source)
     else:
         folder, resolved = _fetch_mlflow(source, name, workspace)
+    digest = (hashes or FileHashCache()).digest
     try:
-        content_hash = hash_weight_files(folder)
+        content_hash = hash_checkpoint(folder, digest)
+        weights_hash = hash_weight_files(folder, digest)
     except CheckpointError as exc:
         raise SourceError(f"{role} {name!r} ({describe(source)}): {exc}") from exc
     logger.info("fetched %s %s from %s (%s)", role, name, describe(source), resolved)
     return FetchedCheckpoint(
-        name, role, domain, str(folder), describe(source), resolved, content_hash
+        name, role, domain, str(folder), describe(source), resolved, content_hash, weights_hash
     )

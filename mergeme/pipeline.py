@@ -2,25 +2,28 @@
 register. Each takes the config and earlier steps' outputs (JSON-ready dicts) and returns
 its own; ``flows/`` and ``tasks/`` only orchestrate them.
 
-Merged and calibrated checkpoints live in the workspace under a key derived from the content
-of everything that produced them, so a repeated step finds its finished output and reuses it.
+Merged and calibrated checkpoints live in the workspace under the step's fingerprint
+(``mergeme.versioning``: the content of every input, the settings and the step's code
+version), so a repeated step finds its finished output and reuses it, and a code change builds
+a new one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from mergeme import versioning
 from mergeme.checkpoint import Checkpoint
 from mergeme.config import PipelineConfig
-from mergeme.data import dvc_output_md5s, load_texts
+from mergeme.data import load_texts
 from mergeme.evaluate import load_causal_lm, score_domains
 from mergeme.fetch import fetch_checkpoint
+from mergeme.file_hashes import FileHashCache
 from mergeme.merge.moe_builder import build_moe
-from mergeme.registry.lineage import git_revision, lineage_tags
+from mergeme.registry.lineage import lineage_tags, package_revision
 from mergeme.registry.release import register_release
 from mergeme.routing.calibrate import calibrate_routers
 from mergeme.routing.diagnostics import (
@@ -34,19 +37,17 @@ from mergeme.validation.step import log_failed_validation, run_validation
 logger = logging.getLogger(__name__)
 
 
-def content_key(*parts: object) -> str:
-    """A short stable hash of JSON-serialisable parts."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def fetch_step(config: PipelineConfig, workspace: Path) -> list[dict]:
-    """Resolve the base and every expert to a local folder with its content hash."""
-    fetched = [fetch_checkpoint(config.base.name, "base", None, config.base.source, workspace)]
+    """Resolve the base and every expert to a local folder with its content hashes (files
+    unchanged since an earlier run are not read again)."""
+    hashes = FileHashCache.in_workspace(workspace)
+    base = config.base
+    fetched = [fetch_checkpoint(base.name, "base", None, base.source, workspace, hashes)]
     for expert in config.experts:
         fetched.append(
-            fetch_checkpoint(expert.name, "expert", expert.domain, expert.source, workspace)
+            fetch_checkpoint(expert.name, "expert", expert.domain, expert.source, workspace, hashes)
         )
+    hashes.save()
     return [asdict(item) for item in fetched]
 
 
@@ -74,9 +75,7 @@ def validate_step(
 
 def merge_step(config: PipelineConfig, fetched: list[dict], workspace: Path) -> dict:
     """Build the MoE (or reuse the one already built from the same inputs and settings)."""
-    key = content_key(
-        [(item["name"], item["content_hash"]) for item in fetched], config.merge.model_dump()
-    )
+    key = versioning.merge_fingerprint(config, fetched)
     out = workspace / "merges" / key
     report_file = out / "mergeme_merge.json"
     if report_file.is_file():
@@ -108,12 +107,6 @@ def _texts_by_domain(
     }
 
 
-def data_md5(config: PipelineConfig) -> dict[str, str]:
-    if config.data.dvc_lock is None:
-        return {}
-    return dvc_output_md5s(config.data.dvc_lock, config.data.dvc_stage)
-
-
 def calibrate_step(
     config: PipelineConfig, merged: dict, workspace: Path, fetched: list[dict] | None = None
 ) -> dict:
@@ -131,8 +124,8 @@ def calibrate_step(
             config, router.finetune.split, router.finetune.max_texts_per_domain, workspace
         )
     experts = {item["name"]: item for item in fetched or [] if item["role"] == "expert"}
-    hashes = [experts[e.name]["content_hash"] for e in config.experts if e.name in experts]
-    key = content_key(merged["key"], router.model_dump(), texts, train, hashes)
+    # the merge key already covers every checkpoint's content hash
+    key = versioning.calibrate_fingerprint(config, merged)
     out = workspace / "calibrated" / key
     report_file = out / "mergeme_router.json"
     if report_file.is_file():
@@ -223,21 +216,39 @@ def register_step(
 ) -> dict:
     """Log the run and register the MoE as a new version with its lineage and alias; when a
     version with the same input fingerprint exists, register nothing and return that one
-    (``created`` tells which)."""
-    from mergeme.registry.lineage_run import step_records
-    from mergeme.registry.release_lineage import existing_release, release_data, release_tags
+    (``created`` tells which), finishing it first if its registration was interrupted.
 
-    existing = existing_release(config, calibrated, fetched)
-    if existing is not None:
-        return existing
-    tags = lineage_tags(
-        fetched,
-        merged,
-        {"method": config.router.method, "settings": config.router.model_dump()},
-        data_md5(config),
-        git_revision(Path(config_path).resolve().parent),
-        flow_run_id,
-    )
+    Raises:
+        RegistryUnavailable: the MLflow store did not answer (the register task retries).
+        RegistryError: the MLflow store refused a request.
+    """
+    from mergeme.registry.release_lineage import close_interrupted_runs, existing_release
+    from mergeme.registry.store import registry_errors
+
+    with registry_errors(f"registering {config.registry.model_name}"):
+        existing = existing_release(config, calibrated, fetched)
+        if existing is not None:
+            return existing
+        fingerprint = versioning.release_fingerprint(config, calibrated, fetched)
+        close_interrupted_runs(config.registry.experiment, fingerprint)
+        release, tags = _register_new(
+            config,
+            config_path,
+            workspace,
+            fetched,
+            validation,
+            merged,
+            calibrated,
+            evaluation,
+            flow_run_id,
+            deployment_id,
+        )
+    return {**asdict(release), "tags": tags, "created": True}
+
+
+def _evidence_files(config_path: Path, validation: dict, evaluation: dict) -> list[Path]:
+    """The files and folders logged as run artifacts: the config, the eval tables, the
+    validation evidence and both Data Docs sites."""
     artifacts = [Path(config_path), *map(Path, evaluation["files"])]
     evidence = (validation["stats_csv"], validation["gx_result_json"], validation["docs_index"])
     artifacts += [Path(p) for p in evidence[:2] if p]
@@ -247,7 +258,30 @@ def register_step(
     artifacts += [Path(p) for p in (validation.get("data_gx_result_json"),) if p]
     if validation.get("data_docs_index"):
         artifacts.append(Path(validation["data_docs_index"]).parent)
+    return artifacts
+
+
+def _register_new(
+    config: PipelineConfig,
+    config_path: Path,
+    workspace: Path,
+    fetched: list[dict],
+    validation: dict,
+    merged: dict,
+    calibrated: dict,
+    evaluation: dict,
+    flow_run_id: str | None,
+    deployment_id: str | None,
+):
+    from mergeme.registry.lineage_run import step_records
+    from mergeme.registry.release_lineage import dvc_data_md5s, release_data, release_tags
+
+    dvc_md5, uncommitted = dvc_data_md5s(config)
+    router = {"method": config.router.method, "settings": config.router.model_dump()}
+    tags = lineage_tags(fetched, merged, router, dvc_md5, package_revision(), flow_run_id)
     tags |= release_tags(config, calibrated, fetched, deployment_id)
+    tags["mergeme.data_uncommitted"] = str(uncommitted).lower()
+    curves = calibrated.get("loss_curves") or {}
     release = register_release(
         workspace=workspace,
         experiment=config.registry.experiment,
@@ -256,14 +290,15 @@ def register_step(
         checkpoint=Path(calibrated["output"]),
         params=release_params(config, merged),
         metrics=evaluation["metrics"],
-        artifacts=artifacts,
+        artifacts=_evidence_files(config_path, validation, evaluation),
         tags=tags,
         run_name=f"{config.registry.model_name}-{flow_run_id or 'local'}",
         steps=step_records(config, fetched, validation, merged, calibrated, evaluation),
-        data=release_data(config),
+        data=release_data(config, dvc_md5, uncommitted),
+        # in the run before the version exists, so a registered release is never missing them
+        log_more=lambda run_id: log_loss_curves(run_id, curves),
     )
-    log_loss_curves(release.run_id, calibrated.get("loss_curves") or {})
-    return {**asdict(release), "tags": tags, "created": True}
+    return release, tags
 
 
 def log_loss_curves(run_id: str, curves: dict[str, list[float]]) -> None:

@@ -1,13 +1,15 @@
 """Content fingerprints of the pipeline's steps: what decides whether a step must run again.
 
-Each step's fingerprint covers the content of its inputs (expert weight hashes, the md5 of
-the data files it reads), its settings, and the code version (a hash of the mergeme source
-files the step runs). Prefect keys its task cache on them (see ``tasks/caching.py``), and the
-register step tags each release with :func:`release_fingerprint`, so an unchanged scheduled
-run finds the version it would have created and registers nothing new.
+Each step's fingerprint covers the content of its inputs (checkpoint content hashes, the md5
+of the data files it reads), its settings, and the code version (a hash of the mergeme source
+files the step runs). The same fingerprint keys the step's Prefect cache entry (see
+``tasks/caching.py``) and names its output folder in the workspace (merge, calibrate), so a
+code change can never reuse an output built by older code. The register step tags each
+release with :func:`release_fingerprint`, so an unchanged scheduled run finds the version it
+would have created and registers nothing new.
 
 Fetch has no fingerprint on purpose: it is cheap, and it must run every time to notice a
-local folder whose weights changed or a registry alias that moved; later steps are keyed on
+local folder whose files changed or a registry alias that moved; later steps are keyed on
 the content hashes it returns.
 """
 
@@ -101,13 +103,20 @@ def validate_fingerprint(fetched: list[dict], config: PipelineConfig | None = No
 
 
 def merge_fingerprint(config: PipelineConfig, fetched: list[dict]) -> str:
+    """The checkpoints (weights, config and tokenizer files), the merge settings and the
+    merge code; also the name of the merged checkpoint's folder."""
     return digest("merge", _weights(fetched), config.merge.model_dump(), code_version("merge"))
 
 
 def calibrate_fingerprint(config: PipelineConfig, merged: dict) -> str:
-    calibration = split_md5s(config, config.data.calibration_split)
-    settings = config.router.model_dump()
-    return digest("calibrate", merged["key"], settings, calibration, code_version("calibrate"))
+    """The merged checkpoint, the router settings, the calibration split (and the fine-tune
+    training split when ``finetune`` trains on its own split) and the calibrate code; also the
+    name of the calibrated checkpoint's folder."""
+    router = config.router
+    data = {"calibration": split_md5s(config, config.data.calibration_split)}
+    if router.method == "finetune" and router.finetune.split is not None:
+        data["finetune"] = split_md5s(config, router.finetune.split)
+    return digest("calibrate", merged["key"], router.model_dump(), data, code_version("calibrate"))
 
 
 def evaluate_fingerprint(config: PipelineConfig, calibrated: dict, fetched: list[dict]) -> str:

@@ -18,12 +18,14 @@ def workspace_root(explicit: str | Path | None = None) -> Path:
 
 
 def tool_environment(root: Path) -> dict[str, str]:
-    """Environment variables that keep MLflow, Prefect, DVC, GX and HF inside ``root`` and
-    stop their telemetry."""
+    """Environment variables that keep MLflow, Prefect, DVC, GX and HF inside ``root``, stop
+    their telemetry and MLflow's artifact progress bars."""
     return {
         WORKSPACE_ENV: str(root),
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # no per-file progress bars when MLflow downloads or uploads artifacts
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "DVC_NO_ANALYTICS": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "HF_HUB_DISABLE_TELEMETRY": "1",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 from mergeme import versioning
 from mergeme.config import load_config
 from mergeme.io.atomic import atomic_folder
@@ -26,6 +28,31 @@ def test_fingerprints_follow_the_inputs(tiny_family, dvc_project, tmp_path):
     calibration = versioning.split_md5s(config, "calibration")
     assert set(calibration) == set(config.domains())
     assert all(len(md5) == 32 for md5 in calibration.values())
+
+
+def test_calibrate_fingerprint_covers_the_finetune_training_split(
+    tiny_family, dvc_project, tmp_path
+):
+    data = shutil.copytree(dvc_project / "data" / "demo", tmp_path / "data")
+    router = {"method": "finetune", "finetune": {"split": "train", "steps": 2}}
+    path = write_pipeline_config(tmp_path, tiny_family, dvc_project, router=router)
+    finetune = load_config(path)
+    finetune = finetune.model_copy(update={"data": finetune.data.model_copy(update={"root": data})})
+    centroid = finetune.model_copy(
+        update={"router": finetune.router.model_copy(update={"method": "centroid"})}
+    )
+    merged = {"key": "merged"}
+    before = {
+        "finetune": versioning.calibrate_fingerprint(finetune, merged),
+        "centroid": versioning.calibrate_fingerprint(centroid, merged),
+    }
+
+    train = data / "code" / "train.jsonl"
+    assert train.is_file()
+    train.write_text("\n".join(train.read_text().splitlines()[::-1]) + "\n")
+    # finetune trains on that split: a new key; centroid never reads it: the same key
+    assert versioning.calibrate_fingerprint(finetune, merged) != before["finetune"]
+    assert versioning.calibrate_fingerprint(centroid, merged) == before["centroid"]
 
 
 def test_clean_stale_partials_keeps_finished_folders(tmp_path):

@@ -105,7 +105,7 @@ def release_lineage(reference: str) -> dict:
             "flow_run": tag("prefect_flow_run_id"),
             "deployment": tag("prefect_deployment_id"),
         },
-        "metrics": {k: v for k, v in sorted(metrics.items()) if k.startswith("eval_loss.moe.")},
+        "metrics": release_eval_metrics(metrics, tags),
         "promotion": {
             key.removeprefix("mergeme."): value
             for key, value in sorted(tags.items())
@@ -113,6 +113,19 @@ def release_lineage(reference: str) -> dict:
             and key != "mergeme.promotion_checks"
         },
     }
+
+
+def release_eval_metrics(metrics: dict[str, float], tags: dict[str, str]) -> dict[str, float]:
+    """The released model's own eval losses, found among the run's ``eval_loss.<model>.<domain>``
+    metrics: those of the one model that is not a checkpoint named in the lineage tags (the
+    base and the experts are scored beside it). All eval losses when that is ambiguous."""
+    losses = {k: v for k, v in metrics.items() if k.startswith("eval_loss.") and k.count(".") >= 2}
+    inputs = {c["name"] for c in checkpoints_from_tags(tags)}
+    models = {key.split(".")[1] for key in losses} - inputs
+    if len(models) == 1:
+        prefix = f"eval_loss.{models.pop()}."
+        losses = {k: v for k, v in losses.items() if k.startswith(prefix)}
+    return dict(sorted(losses.items()))
 
 
 def flatten_lineage(lineage: dict) -> dict[str, str]:
@@ -172,7 +185,7 @@ def format_lineage(lineage: dict) -> str:
         for d in lineage["data"]["datasets"]
     ]
     if datasets:
-        parts += ["", _table(datasets, ("data input", "dataset", "digest (DVC md5)", "git"))]
+        parts += ["", _table(datasets, ("data input", "dataset", "digest (of file md5s)", "git"))]
     rest = {k: v for k, v in lineage.items() if k != "checkpoints"}
     rest["data"] = {k: v for k, v in lineage["data"].items() if k != "datasets"}
     flat = flatten_lineage(rest)

@@ -10,6 +10,7 @@ from mergeme.registry.store import (
     find_version_by_tag,
     log_checkpoint_model,
     register_version,
+    registry_errors,
 )
 
 CONTENT_HASH_TAG = "mergeme.content_hash"
@@ -23,18 +24,21 @@ def register_dense_checkpoint(
 
     Raises:
         CheckpointError: ``path`` is not a readable checkpoint.
+        RegistryUnavailable: the MLflow store did not answer.
+        RegistryError: the MLflow store refused a request.
     """
     import mlflow
     from mlflow import MlflowClient
 
     with Checkpoint(path) as checkpoint:
         content_hash = checkpoint.content_hash()
-    existing = find_version_by_tag(name, CONTENT_HASH_TAG, content_hash)
-    if existing is not None:
-        MlflowClient().set_registered_model_alias(name, alias, existing)
-        return existing, False
-    with mlflow.start_run(experiment_id=ensure_experiment(experiment, workspace)) as run:
-        mlflow.set_tag(CONTENT_HASH_TAG, content_hash)
-        info = log_checkpoint_model(path)
-    tags = {CONTENT_HASH_TAG: content_hash, "mergeme.source_path": str(Path(path).resolve())}
-    return register_version(name, info.model_uri, run.info.run_id, tags, alias), True
+    with registry_errors(f"registering checkpoint {name}"):
+        existing = find_version_by_tag(name, CONTENT_HASH_TAG, content_hash)
+        if existing is not None:
+            MlflowClient().set_registered_model_alias(name, alias, existing)
+            return existing, False
+        with mlflow.start_run(experiment_id=ensure_experiment(experiment, workspace)) as run:
+            mlflow.set_tag(CONTENT_HASH_TAG, content_hash)
+            info = log_checkpoint_model(path)
+        tags = {CONTENT_HASH_TAG: content_hash, "mergeme.source_path": str(Path(path).resolve())}
+        return register_version(name, info.model_uri, run.info.run_id, tags, alias), True

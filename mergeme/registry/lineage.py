@@ -28,6 +28,32 @@ def git_revision(folder: Path) -> str:
     return f"{commit}+dirty" if dirty else commit
 
 
+def _package_version() -> str:
+    import mergeme
+
+    return mergeme.__version__
+
+
+def package_revision() -> str:
+    """The commit of the git checkout that holds the running mergeme package (``+dirty`` with
+    uncommitted changes), or ``unknown`` when the package is not in a checkout of its own
+    (installed from a wheel, or inside some other repository)."""
+    import mergeme
+
+    root = Path(mergeme.__file__).resolve().parent.parent
+    try:
+        toplevel = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return git_revision(root) if Path(toplevel).resolve() == root else "unknown"
+
+
 def lineage_tags(
     fetched: list[dict],
     merge: dict,
@@ -46,6 +72,7 @@ def lineage_tags(
         "mergeme.router_settings": json.dumps(router["settings"], sort_keys=True),
         "mergeme.data_md5": json.dumps(data_md5, sort_keys=True),
         "mergeme.code_revision": code_revision,
+        "mergeme.package_version": _package_version(),
         "mergeme.prefect_flow_run_id": flow_run_id or "none",
         "mergeme.experts": ",".join(item["name"] for item in fetched if item["role"] == "expert"),
     }
@@ -54,6 +81,8 @@ def lineage_tags(
         tags[f"{prefix}.source"] = item["source"]
         tags[f"{prefix}.resolved"] = item["resolved"]
         tags[f"{prefix}.content_hash"] = item["content_hash"]
+        if item.get("weights_hash"):
+            tags[f"{prefix}.weights_hash"] = item["weights_hash"]
         if item.get("domain"):
             tags[f"{prefix}.domain"] = item["domain"]
     # a source or resolved URI may carry credentials (https://user:token@host/...)

@@ -8,6 +8,7 @@ with the same facts as when it ran (its ``mergeme.reused`` tag says so).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ class DataInput:
     name: str  # e.g. "calibration"
     split: str
     files: dict[str, str]  # domain -> jsonl path
-    digest: str  # the DVC md5 of the data stage output (or of the files when no dvc.lock)
+    digest: str  # an md5 over the split's per-file md5s (see split_digest)
     tags: dict[str, str]
 
 
@@ -50,8 +51,9 @@ def step_records(
     """A record per step, in pipeline order, from the step outputs."""
     fetch_params = {}
     for item in fetched:
-        for key in ("source", "resolved", "content_hash"):
-            fetch_params[f"{item['role']}.{item['name']}.{key}"] = item[key]
+        for key in ("source", "resolved", "content_hash", "weights_hash"):
+            if key in item:
+                fetch_params[f"{item['role']}.{item['name']}.{key}"] = item[key]
     layers = calibrated.get("max_cosine_between_rows", [])
     return {
         "fetch": StepRecord(fetch_params, {"checkpoints": float(len(fetched))}),
@@ -101,32 +103,55 @@ def log_step_runs(records: dict[str, StepRecord], parent_run_id: str) -> dict[st
     return run_ids
 
 
+def split_digest(file_md5s: dict[str, str]) -> str:
+    """The dataset digest of one split: an md5 (32 hex) over its ``domain md5`` lines, sorted,
+    so changing any one domain's file changes it (MLflow keeps at most 36 characters)."""
+    lines = "\n".join(f"{domain} {md5}" for domain, md5 in sorted(file_md5s.items()))
+    return hashlib.md5(lines.encode()).hexdigest()
+
+
 def data_inputs(
-    config: PipelineConfig, dvc_md5: dict[str, str], split_md5: dict[str, dict[str, str]]
+    config: PipelineConfig,
+    dvc_md5: dict[str, str],
+    uncommitted: bool,
+    split_md5: dict[str, dict[str, str]],
 ) -> list[DataInput]:
-    """The calibration and eval splits with their DVC md5 and git revision as tags.
+    """The calibration and eval splits, each with its own digest (:func:`split_digest`) and,
+    as tags, the data stage's DVC md5s (``dvc_md5.<output>``; ``uncommitted``: the data
+    differs from dvc.lock), each domain file's md5 (``md5.<domain>``) and the git revision.
 
     ``split_md5`` maps a split name to ``{domain: md5 of that domain's file}``.
     """
     from mergeme.registry.lineage import git_revision
 
     revision = git_revision(Path(config.data.root))
-    stage_md5 = ",".join(sorted(dvc_md5.values()))
+    # one tag per md5: an input tag holds at most 500 characters
+    stage_tags = {f"dvc_md5.{out}": md5 for out, md5 in sorted(dvc_md5.items())}
     result = []
     for name, split in (
         ("calibration", config.data.calibration_split),
         ("eval", config.data.eval_split),
     ):
         files = {d: str(split_path(config.data.root, d, split)) for d in config.domains()}
-        file_md5 = json.dumps(split_md5[split], sort_keys=True)
         tags = {
-            "dvc_md5": stage_md5 or "none",
+            **stage_tags,
             "dvc_stage": config.data.dvc_stage,
-            "split_md5": file_md5,
+            "dvc_uncommitted": str(uncommitted).lower(),
+            **{f"md5.{domain}": md5 for domain, md5 in sorted(split_md5[split].items())},
             "git_revision": revision,
         }
-        result.append(DataInput(name, split, files, stage_md5 or file_md5[:32], tags))
+        result.append(DataInput(name, split, files, split_digest(split_md5[split]), tags))
     return result
+
+
+def _local_source(folder: Path):
+    """An MLflow dataset source for a local folder. MLflow registers its local source twice
+    (for the schemes ``""`` and ``file``) and warns that a path is ambiguous unless it is
+    resolved against one of them."""
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+
+    local = [s for s in get_registered_sources() if s._get_source_type() == "local"]
+    return resolve_dataset_source(str(folder), candidate_sources=local[:1])
 
 
 def log_data_inputs(inputs: list[DataInput]) -> None:
@@ -140,10 +165,10 @@ def log_data_inputs(inputs: list[DataInput]) -> None:
             pd.read_json(path, lines=True).assign(domain=domain)[["domain", "text"]]
             for domain, path in item.files.items()
         ]
-        source = str(Path(next(iter(item.files.values()))).parent.parent)
+        source = Path(next(iter(item.files.values()))).parent.parent
         dataset = mlflow.data.from_pandas(
             pd.concat(frames, ignore_index=True),
-            source=source,
+            source=_local_source(source),
             name=f"{item.name}-{item.split}",
             digest=item.digest,
         )

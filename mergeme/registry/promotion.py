@@ -13,10 +13,10 @@ import logging
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mergeme.config import format_validation_error
 from mergeme.errors import ConfigError, MergemeError, PromotionRefused
@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "mlflow" / "promotion_policy.yaml"
 LegacyStage = Literal["Production", "Staging"]
+Fraction = Annotated[float, Field(ge=0.0)]
+HISTORY_TAG = "mergeme.promotion_history"
 
 
 class PromotionPolicy(BaseModel):
@@ -34,10 +36,33 @@ class PromotionPolicy(BaseModel):
 
     metric_prefix: str = Field("eval_loss.moe.", min_length=1)
     higher_is_better: bool = False
-    max_domain_regression: float = Field(0.01, ge=0.0, description="Fraction, 0.01 = 1%.")
+    max_domain_regression: float = Field(
+        0.01, ge=0.0, description="Fraction, 0.01 = 1%; the limit of every metric not listed below."
+    )
+    max_regression_by_metric: dict[str, Fraction] = Field(
+        default_factory=dict,
+        description="Per-metric limits (full metric names) that replace max_domain_regression.",
+    )
     min_average_improvement: float = Field(0.0, ge=0.0, description="Fraction of the average.")
     champion_alias: str = Field("champion", pattern=r"^[A-Za-z][\w-]*$")
     previous_alias: str = Field("previous-champion", pattern=r"^[A-Za-z][\w-]*$")
+
+    @model_validator(mode="after")
+    def _check_metric_names(self) -> PromotionPolicy:
+        outside = sorted(
+            n for n in self.max_regression_by_metric if not n.startswith(self.metric_prefix)
+        )
+        if outside:
+            raise ValueError(
+                f"max_regression_by_metric: {outside} do not start with metric_prefix "
+                f"{self.metric_prefix!r}, so they are never compared; use full metric names "
+                "such as eval_loss.moe.code"
+            )
+        return self
+
+    def limit(self, metric: str) -> float:
+        """The largest allowed regression of ``metric`` (a fraction)."""
+        return self.max_regression_by_metric.get(metric, self.max_domain_regression)
 
 
 def load_policy(path: Path | None = None) -> PromotionPolicy:
@@ -106,12 +131,13 @@ def compare(
             checks.append(Check(name, None, old, False, "missing from the candidate's run"))
             continue
         change = sign * (new - old) / max(abs(old), 1e-12)
-        ok = change <= policy.max_domain_regression
-        detail = (
-            f"{new:.4f} vs champion {old:.4f} ({change:+.2%} worse; "
-            f"limit {policy.max_domain_regression:.2%})"
-        )
+        limit = policy.limit(name)
+        ok = change <= limit
+        detail = f"{new:.4f} vs champion {old:.4f} ({change:+.2%} worse; limit {limit:.2%})"
         checks.append(Check(name, new, old, ok, detail))
+    for name in sorted(set(policy.max_regression_by_metric) - set(champion)):
+        detail = "named in max_regression_by_metric but the champion's run has no such metric"
+        checks.append(Check(name, candidate.get(name), None, False, detail))
     shared = [name for name in champion if name in candidate]
     if shared:
         new_avg = sum(candidate[n] for n in shared) / len(shared)
@@ -137,12 +163,33 @@ def _current(model_name: str, alias: str) -> str | None:
         return None
 
 
-def _record(model_name: str, version: str, tags: dict[str, str]) -> None:
+def _record(model_name: str, version: str, tags: dict[str, str], event: dict) -> None:
+    """Set ``tags`` (the latest facts) on the version and append ``event`` to its promotion
+    history: one ``mergeme.promotion_history.NNN`` tag per event, so none is overwritten."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    existing = client.get_model_version(model_name, version).tags
+    count = sum(1 for key in existing if key.startswith(f"{HISTORY_TAG}."))
+    tags = {**tags, f"{HISTORY_TAG}.{count + 1:03d}": json.dumps(event, sort_keys=True)}
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
+
+
+def promotion_history(tags: dict[str, str]) -> list[dict]:
+    """The promotion events recorded on a version (oldest first)."""
+    keys = sorted(key for key in tags if key.startswith(f"{HISTORY_TAG}."))
+    return [json.loads(tags[key]) for key in keys]
+
+
+def _event(action: str, actor: str | None, reason: str, **facts: str | None) -> dict:
+    return {
+        "action": action,
+        "by": actor or getpass.getuser(),
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "reason": reason,
+        **facts,
+    }
 
 
 def _set_stage(model_name: str, version: str, stage: LegacyStage | None) -> None:
@@ -156,24 +203,16 @@ def _set_stage(model_name: str, version: str, stage: LegacyStage | None) -> None
     )
 
 
-def promote(
-    model_name: str,
-    version: str,
-    policy: PromotionPolicy,
-    reason: str = "",
-    actor: str | None = None,
-    stage: LegacyStage | None = None,
-) -> PromotionResult:
-    """Make ``version`` the champion if it passes ``policy`` against the current champion (a
-    first promotion always passes; promoting the champion again changes nothing); on refusal
-    nothing changes.
+def _legacy_stage(model_name: str, version: str) -> LegacyStage | None:
+    from mlflow import MlflowClient
 
-    Raises:
-        MergemeError: the version does not exist or has no metrics under the policy's prefix.
-    """
+    stage = MlflowClient().get_model_version(model_name, version).current_stage
+    return stage if stage in ("Production", "Staging") else None
+
+
+def _candidate_metrics(model_name: str, version: str, policy: PromotionPolicy) -> dict:
     from mlflow.exceptions import MlflowException
 
-    version = str(version)
     try:
         candidate = release_metrics(model_name, version, policy.metric_prefix)
     except MlflowException as exc:
@@ -186,9 +225,33 @@ def promote(
             f"{model_name} version {version} has no metrics starting with "
             f"{policy.metric_prefix!r}; it cannot be compared (check metric_prefix in the policy)"
         )
+    return candidate
+
+
+def promote(
+    model_name: str,
+    version: str,
+    policy: PromotionPolicy,
+    reason: str = "",
+    actor: str | None = None,
+    stage: LegacyStage | None = None,
+) -> PromotionResult:
+    """Make ``version`` the champion if it passes ``policy`` against the current champion (a
+    first promotion always passes; promoting the champion again only sets ``stage``); on
+    refusal nothing changes.
+
+    Raises:
+        MergemeError: the version does not exist or has no metrics under the policy's prefix.
+    """
+    version = str(version)
+    candidate = _candidate_metrics(model_name, version, policy)
     champion = _current(model_name, policy.champion_alias)
     if champion == version:
-        check = Check("champion", None, None, True, "already the champion: nothing changed")
+        detail = "already the champion: nothing changed"
+        if stage is not None and _legacy_stage(model_name, version) != stage:
+            _set_stage(model_name, version, stage)
+            detail = f"already the champion: only the legacy stage was set to {stage}"
+        check = Check("champion", None, None, True, detail)
         return PromotionResult(model_name, version, champion, True, [check])
     if champion is None:
         checks = [Check("champion", None, None, True, "no champion yet: first promotion")]
@@ -207,17 +270,17 @@ def promote(
     if champion is not None:
         client.set_registered_model_alias(model_name, policy.previous_alias, champion)
     client.set_registered_model_alias(model_name, policy.champion_alias, version)
-    _record(
-        model_name,
-        version,
-        {
-            "mergeme.promoted_by": actor or getpass.getuser(),
-            "mergeme.promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "mergeme.promotion_reason": reason or "passed the promotion policy",
-            "mergeme.promoted_over": champion or "none",
-            "mergeme.promotion_checks": json.dumps([asdict(c) for c in checks]),
-        },
+    event = _event(
+        "promoted", actor, reason or "passed the promotion policy", over=champion, stage=stage
     )
+    latest = {
+        "mergeme.promoted_by": event["by"],
+        "mergeme.promoted_at": event["at"],
+        "mergeme.promotion_reason": event["reason"],
+        "mergeme.promoted_over": champion or "none",
+        "mergeme.promotion_checks": json.dumps([asdict(c) for c in checks]),
+    }
+    _record(model_name, version, latest, event)
     _set_stage(model_name, version, stage)
     logger.info("promoted %s version %s to %s", model_name, version, policy.champion_alias)
     return result
@@ -231,7 +294,9 @@ def rollback(
     stage: LegacyStage | None = None,
 ) -> tuple[str, str]:
     """Point the champion back at the previous champion, and previous-champion at the one
-    rolled back (so a rollback can itself be undone). Returns (restored, replaced).
+    rolled back (so a rollback can itself be undone). The restored version takes ``stage``,
+    or, when none is given, the legacy stage the rolled-back version held. Returns
+    (restored, replaced).
 
     Raises:
         PromotionRefused: there is no champion or no previous champion.
@@ -245,18 +310,19 @@ def rollback(
             f"{model_name}: nothing to roll back to (champion {current}, previous champion "
             f"{previous}); promote a version first with `mergeme promote`"
         )
+    stage = stage or _legacy_stage(model_name, current)
     client = MlflowClient()
     client.set_registered_model_alias(model_name, policy.champion_alias, previous)
     client.set_registered_model_alias(model_name, policy.previous_alias, current)
-    _record(
-        model_name,
-        previous,
-        {
-            "mergeme.restored_by": actor or getpass.getuser(),
-            "mergeme.restored_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "mergeme.restore_reason": reason or f"rollback from version {current}",
-        },
-    )
+    reason = reason or f"rollback from version {current}"
+    restored = _event("restored", actor, reason, replaced=current, stage=stage)
+    latest = {
+        "mergeme.restored_by": restored["by"],
+        "mergeme.restored_at": restored["at"],
+        "mergeme.restore_reason": reason,
+    }
+    _record(model_name, previous, latest, restored)
+    _record(model_name, current, {}, _event("rolled_back", actor, reason, restored=previous))
     _set_stage(model_name, previous, stage)
     logger.info("rolled %s back from version %s to %s", model_name, current, previous)
     return previous, current

@@ -1,12 +1,16 @@
 """Register step: one MLflow run per pipeline run, and the MoE as a new registered version.
 
-The version is created with all its lineage tags in one call; if anything fails after it
-exists (the alias), the version is deleted again, so no half-registered release remains.
+Everything is logged into the run before the version is created; the version is created with
+all its lineage tags in one call; the alias and the run tag ``mergeme.registered_version``
+come last. If the alias fails in-process, the version is deleted again. A process killed
+after the version exists leaves a release whose run lacks that tag: the next run with the
+same inputs finishes it (see ``release_lineage.existing_release``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,8 @@ from mergeme.registry.redact import redact_mapping
 from mergeme.registry.store import ensure_experiment, log_checkpoint_model, register_version
 
 logger = logging.getLogger(__name__)
+
+REGISTERED_TAG = "mergeme.registered_version"
 
 
 @dataclass(frozen=True)
@@ -51,21 +57,27 @@ def register_release(
     run_name: str | None = None,
     steps: dict[str, StepRecord] | None = None,
     data: list[DataInput] | None = None,
+    log_more: Callable[[str], None] | None = None,
 ) -> Release:
     """Log a run (params, metrics, artifacts, tags), a nested run per pipeline step in
-    ``steps`` and the ``data`` splits as dataset inputs; register ``checkpoint`` (with a model
-    card inside the model) as a new version of ``model_name`` tagged with ``tags``; point
-    ``alias`` at it."""
+    ``steps`` and the ``data`` splits as dataset inputs; ``log_more(run_id)`` adds anything
+    else (e.g. metric histories) before the model is registered; register ``checkpoint``
+    (with a model card inside the model) as a new version of ``model_name`` tagged with
+    ``tags``; point ``alias`` at it.
+
+    Raises:
+        MlflowException: the store refused or did not answer (the caller names it).
+    """
     import mlflow
     from mlflow import MlflowClient
 
     # secrets never reach the store: not in params, run tags or version tags
     params, tags = redact_mapping(flatten("", params)), redact_mapping(tags)
     experiment_id = ensure_experiment(experiment, workspace)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
+    # the tags (with the input fingerprint) from the start: an interrupted run is findable
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
-        mlflow.set_tags(tags)
         for artifact in artifacts:
             if artifact.is_dir():
                 mlflow.log_artifacts(str(artifact), artifact_path=artifact.name)
@@ -73,6 +85,8 @@ def register_release(
                 mlflow.log_artifact(str(artifact))
         log_data_inputs(data or [])
         log_step_runs(steps or {}, run.info.run_id)
+        if log_more is not None:
+            log_more(run.info.run_id)
         card = render_model_card(model_name, tags, metrics)
         mlflow.log_text(card, CARD_FILE)
         card_file = workspace / "model_cards" / run.info.run_id / CARD_FILE
@@ -83,7 +97,7 @@ def register_release(
         try:
             if alias:
                 MlflowClient().set_registered_model_alias(model_name, alias, version)
-            mlflow.set_tag("mergeme.registered_version", f"{model_name}/{version}")
+            mlflow.set_tag(REGISTERED_TAG, f"{model_name}/{version}")
         except BaseException:
             MlflowClient().delete_model_version(model_name, version)
             raise

@@ -8,12 +8,14 @@ all their tags in one call, so a version never exists without its lineage.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from mergeme.errors import RegistryUnavailable, SourceError
+from mergeme.errors import RegistryError, RegistryUnavailable, SourceError
 from mergeme.workspace import default_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -62,26 +64,63 @@ def pip_requirements() -> list[str]:
     ]
 
 
+def own_model_type(checkpoint: Path) -> str | None:
+    """The checkpoint's ``model_type`` if it is one of mergeme's own model classes (which a
+    serving environment can only load with mergeme's code), else None."""
+    import json
+
+    from mergeme.models.ppl_routed import MODEL_TYPE
+
+    config = Path(checkpoint) / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    return model_type if model_type == MODEL_TYPE else None
+
+
+def _stage_package(folder: Path) -> Path:
+    """A copy of the mergeme package's Python files under ``folder``; returns its path."""
+    import shutil
+
+    package = Path(__file__).resolve().parents[1]
+    target = folder / package.name
+    shutil.copytree(package, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
+
+
 def log_checkpoint_model(
     checkpoint: Path, name: str = "model", extra_artifacts: dict[str, Path] | None = None
 ):
     """Log ``checkpoint`` in the active run as a pyfunc model, with ``extra_artifacts`` (e.g.
-    the model card) stored inside the model beside it; returns MLflow's ModelInfo."""
+    the model card) stored inside the model beside it; returns MLflow's ModelInfo.
+
+    A checkpoint of one of mergeme's own model classes ships the mergeme package with the
+    model (MLflow ``code_paths``), so it loads where mergeme is not installed.
+    """
+    import tempfile
+    import warnings
+
     from mlflow.models import infer_signature
 
     import mlflow
 
     signature = infer_signature({"prompt": ["2 + 3 ="]}, ["5"], params={"max_new_tokens": 16})
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=str(PYFUNC_CODE),
-        artifacts={
-            CHECKPOINT_ARTIFACT: str(checkpoint),
-            **{key: str(path) for key, path in (extra_artifacts or {}).items()},
-        },
-        pip_requirements=pip_requirements(),
-        signature=signature,
-    )
+    with tempfile.TemporaryDirectory(prefix="mergeme-code-") as staging, warnings.catch_warnings():
+        # an input example would make MLflow load the whole checkpoint and generate from it
+        # to validate the example; the signature is given, so its advice does not apply
+        warnings.filterwarnings("ignore", message=".*An input example was not provided")
+        code_paths = None
+        if own_model_type(checkpoint) is not None:
+            code_paths = [str(_stage_package(Path(staging)))]
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(PYFUNC_CODE),
+            artifacts={
+                CHECKPOINT_ARTIFACT: str(checkpoint),
+                **{key: str(path) for key, path in (extra_artifacts or {}).items()},
+            },
+            code_paths=code_paths,
+            pip_requirements=pip_requirements(),
+            signature=signature,
+        )
 
 
 def _tag_value(value: object) -> str:
@@ -136,6 +175,33 @@ def is_outage(error: Exception) -> bool:
     """Whether an MLflow error means the registry did not answer (worth a retry), rather than
     that the request was wrong."""
     return getattr(error, "error_code", None) in OUTAGE_ERROR_CODES
+
+
+@contextmanager
+def registry_errors(action: str) -> Iterator[None]:
+    """Turn MLflow's errors inside the block into mergeme's: :class:`RegistryUnavailable`
+    when the store did not answer (worth a retry), :class:`RegistryError` when it refused.
+
+    Raises:
+        RegistryUnavailable: an outage (connection refused, timeout, 5xx, database locked).
+        RegistryError: any other MLflow error.
+    """
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    import mlflow
+
+    try:
+        yield
+    except (MlflowException, requests.exceptions.RequestException) as exc:
+        uri = mlflow.get_tracking_uri()
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        if isinstance(exc, requests.exceptions.RequestException) or is_outage(exc):
+            raise RegistryUnavailable(
+                f"{action}: the MLflow store at {uri} did not answer ({first}); check that the "
+                "tracking server runs, or fix registry.tracking_uri in the config"
+            ) from exc
+        raise RegistryError(f"{action}: the MLflow store at {uri} refused it ({first})") from exc
 
 
 @dataclass(frozen=True)

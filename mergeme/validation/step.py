@@ -61,7 +61,12 @@ def run_validation(
     allow_pickle = bool(getattr(config.merge, "allow_pickle", False)) if config else False
     base = next(item for item in fetched if item["role"] == "base")
     experts = {item["name"]: Path(item["path"]) for item in fetched if item["role"] == "expert"}
-    hashes = {item["name"]: item["content_hash"] for item in fetched if item["role"] == "expert"}
+    # duplicates are experts with the same weights (content_hash also covers the tokenizer)
+    hashes = {
+        item["name"]: item.get("weights_hash", item["content_hash"])
+        for item in fetched
+        if item["role"] == "expert"
+    }
     report = validate_checkpoints(
         (base["name"], Path(base["path"])),
         experts,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 
+import mergeme
+from mergeme.checkpoint import hash_checkpoint, hash_weight_files
 from mergeme.data import dvc_output_md5s
-from mergeme.fetch import hash_weight_files
 from tests.conftest import write_pipeline_config
 
 pytestmark = pytest.mark.slow
@@ -47,13 +50,20 @@ def test_release_carries_the_lineage(pipeline_run, tiny_family, dvc_project):
     tags = version.tags
 
     for domain, path in tiny_family.experts.items():
-        assert tags[f"mergeme.expert.{domain}.content_hash"] == hash_weight_files(path)
+        assert tags[f"mergeme.expert.{domain}.content_hash"] == hash_checkpoint(path)
+        assert tags[f"mergeme.expert.{domain}.weights_hash"] == hash_weight_files(path)
         assert tags[f"mergeme.expert.{domain}.source"] == f"local:{path}"
-    assert tags["mergeme.base.base.content_hash"] == hash_weight_files(tiny_family.base)
+    assert tags["mergeme.base.base.content_hash"] == hash_checkpoint(tiny_family.base)
     assert json.loads(tags["mergeme.data_md5"]) == dvc_output_md5s(dvc_project / "dvc.lock", "data")
     assert tags["mergeme.trunk_method"] == "average"
     assert tags["mergeme.router_method"] == "centroid"
-    assert tags["mergeme.code_revision"]  # a commit, or "unknown" outside git
+    # the commit of the checkout that holds the mergeme package, whatever folder the config is in
+    checkout = Path(mergeme.__file__).resolve().parents[1]
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert tags["mergeme.code_revision"].removesuffix("+dirty") == head
+    assert tags["mergeme.package_version"] == mergeme.__version__
     assert len(tags["mergeme.prefect_flow_run_id"]) == 36  # a Prefect flow run UUID
 
     run = mlflow.get_run(version.run_id)

@@ -1,33 +1,71 @@
 """Versioned steps: which steps a re-run executes, read from the Prefect API's task run states
-(Completed: it ran; Cached: its persisted result was reused), and what it registers."""
+(Completed: it ran; Cached: its persisted result was reused), and what it registers.
+
+The module works on a DVC project of its own (a copy with its own dvc.lock) and on copies of
+the base and one expert, so a test can change the data (and commit it with DVC), a checkpoint
+or the code version. Every test may run alone or in any order: each compares the registry
+with what it held just before.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
+from mergeme import versioning
+from mergeme.data import dvc_output_md5s
 from tests.conftest import write_pipeline_config
-from tests.pipeline.runs import STEPS, ran, registered_versions, run_pipeline
+from tests.pipeline.runs import STEPS, ran, registered_versions, run_pipeline, run_to_state
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def project(prefect_harness, tiny_family, dvc_project, tmp_path_factory):
-    """A config over copies of the data and of one expert, so the test can change them."""
+    """A config over its own DVC project and copies of the base and the code expert."""
     folder = tmp_path_factory.mktemp("versioned")
-    shutil.copytree(dvc_project / "data" / "demo", folder / "data")
+    shutil.copytree(dvc_project, folder / "project")
+    shutil.copytree(tiny_family.base, folder / "base")
     shutil.copytree(tiny_family.experts["code"], folder / "code-expert")
-    config_path = write_pipeline_config(folder, tiny_family, dvc_project)
+    config_path = write_pipeline_config(folder, tiny_family, folder / "project")
     config = yaml.safe_load(config_path.read_text())
-    config["data"]["root"] = str(folder / "data")
+    config["base"]["source"]["path"] = str(folder / "base")
     config["experts"][1]["source"]["path"] = str(folder / "code-expert")
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     first, states = run_pipeline(config_path, folder / "workspace")
     return folder, config_path, first, states
+
+
+def commit_data(project_root) -> None:
+    """Record the data as it is now in dvc.lock (``dvc commit``), as a data owner would."""
+    command = [sys.executable, "-m", "dvc", "commit", "-f", "-q", "data"]
+    subprocess.run(command, cwd=project_root, check=True, capture_output=True)
+
+
+def rerun(folder, config_path) -> tuple[dict, dict[str, str], list[str]]:
+    """Run the pipeline again; returns its result, the step states and the versions newly
+    registered by it."""
+    before = registered_versions()
+    result, states = run_pipeline(config_path, folder / "workspace")
+    return result, states, sorted(set(registered_versions()) - set(before))
+
+
+def datasets(run_id: str) -> dict[str, tuple[str, dict]]:
+    """``{context: (digest, tags)}`` of a run's dataset inputs."""
+    import mlflow
+
+    found = {}
+    for item in mlflow.get_run(run_id).inputs.dataset_inputs:
+        tags = {tag.key: tag.value for tag in item.tags}
+        found[tags["mlflow.data.context"]] = (item.dataset.digest, tags)
+    return found
 
 
 def test_first_run_executes_every_step(project):
@@ -37,53 +75,145 @@ def test_first_run_executes_every_step(project):
 
 
 def test_unchanged_rerun_reuses_every_step_and_registers_nothing(project):
-    folder, config_path, first, _ = project
-    again, states = run_pipeline(config_path, folder / "workspace")
+    folder, config_path, _, _ = project
+    rerun(folder, config_path)  # brings the cache up to date with whatever ran before
+    before = registered_versions()
+    again, states, new = rerun(folder, config_path)
     assert ran(states) == ["fetch experts"]  # fetch always checks its sources
     assert {states[s] for s in STEPS[1:]} == {"Cached"}
-    assert again["release"]["created"] is False
-    assert again["release"]["version"] == first["release"]["version"]
-    assert registered_versions() == [first["release"]["version"]]
+    assert again["release"]["created"] is False and new == []
+    assert again["release"]["version"] in before
+    assert again["release"]["alias"] == "candidate"
 
 
 def test_new_calibration_data_reruns_validate_calibrate_evaluate_register_only(project):
-    folder, config_path, first, _ = project
-    calibration = folder / "data" / "math" / "calibration.jsonl"
+    folder, config_path, _, _ = project
+    previous = datasets(rerun(folder, config_path)[0]["release"]["run_id"])
+    calibration = folder / "project" / "data" / "demo" / "math" / "calibration.jsonl"
     lines = calibration.read_text().splitlines()
     calibration.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same texts, new order
+    commit_data(folder / "project")
 
-    again, states = run_pipeline(config_path, folder / "workspace")
+    again, states, new = rerun(folder, config_path)
     # validation checks the data too, so it runs again; the merge does not depend on the data
     assert ran(states) == ["fetch experts", "validate checkpoints", "route-calibrate", "evaluate"]
     assert states["merge"] == "Cached"
-    assert again["release"]["created"] is True
-    assert again["merge"]["key"] == first["merge"]["key"]
-    assert len(registered_versions()) == 2
+    assert again["release"]["created"] is True and new == [again["release"]["version"]]
+
+    # the release records the data as committed now, not as it was
+    tags = again["release"]["tags"]
+    lock = dvc_output_md5s(folder / "project" / "dvc.lock", "data")
+    assert json.loads(tags["mergeme.data_md5"]) == lock
+    assert json.loads(tags["mergeme.calibration_md5"])["math"] == (
+        hashlib.md5(calibration.read_bytes()).hexdigest()
+    )
+    # one domain's file changed: the calibration digest changes, the eval digest does not
+    current = datasets(again["release"]["run_id"])
+    assert current["calibration"][0] != previous["calibration"][0]
+    assert current["eval"][0] == previous["eval"][0]
+    assert all(len(digest) <= 36 for digest, _ in current.values())  # MLflow's column width
+    assert {f"dvc_md5.{out}": md5 for out, md5 in lock.items()}.items() <= (
+        current["calibration"][1].items()
+    )
+
+
+def test_uncommitted_data_records_the_md5s_actually_used(project, tmp_path):
+    folder, config_path, _, _ = project
+    config = yaml.safe_load(config_path.read_text())
+    config["data"]["allow_uncommitted"] = True
+    accepting = tmp_path / "pipeline.yaml"
+    accepting.write_text(yaml.safe_dump(config, sort_keys=False))
+    lock_file = folder / "project" / "dvc.lock"
+    eval_file = folder / "project" / "data" / "demo" / "knowledge" / "eval.jsonl"
+    eval_file.write_text("\n".join(eval_file.read_text().splitlines()[::-1]) + "\n")
+
+    again, _, new = rerun(folder, accepting)
+    tags = again["release"]["tags"]
+    assert new == [again["release"]["version"]] and tags["mergeme.data_uncommitted"] == "true"
+    recorded = json.loads(tags["mergeme.data_md5"])
+    assert recorded != dvc_output_md5s(lock_file, "data")
+    # DVC itself, committing the same files, computes the md5s that were recorded
+    commit_data(folder / "project")
+    assert recorded == dvc_output_md5s(lock_file, "data")
 
 
 def test_changed_expert_reruns_from_fetch(project):
-    folder, config_path, first, _ = project
+    folder, config_path, _, _ = project
+    before = rerun(folder, config_path)[0]
     weights = folder / "code-expert" / "model.safetensors"
     tensors = load_file(weights)
     name = next(iter(tensors))
     tensors[name] = tensors[name] + 0.01
     save_file(tensors, weights, metadata={"format": "pt"})
 
-    again, states = run_pipeline(config_path, folder / "workspace")
+    again, states, new = rerun(folder, config_path)
     assert ran(states) == STEPS
-    assert again["fetched"][2]["content_hash"] != first["fetched"][2]["content_hash"]
-    assert (
-        again["release"]["tags"]["mergeme.expert.code.content_hash"]
-        == (again["fetched"][2]["content_hash"])
-    )
-    assert len(registered_versions()) == 3
+    assert again["fetched"][2]["content_hash"] != before["fetched"][2]["content_hash"]
+    assert again["fetched"][2]["weights_hash"] != before["fetched"][2]["weights_hash"]
+    tags = again["release"]["tags"]
+    assert tags["mergeme.expert.code.content_hash"] == again["fetched"][2]["content_hash"]
+    assert new == [again["release"]["version"]]
 
 
-def test_release_run_records_steps_data_and_card(project, dvc_project):
+def test_edited_tokenizer_is_validated_again(project):
+    from mergeme.validation.checkpoints import ValidationFailed
+
+    folder, config_path, _, _ = project
+    tokenizer = folder / "code-expert" / "tokenizer.json"
+    original = tokenizer.read_bytes()
+    edited = json.dumps(json.loads(original), indent=1)  # same tokens, other bytes
+    tokenizer.write_text(edited)
+    try:
+        state, states = run_to_state(config_path, folder / "workspace")
+    finally:
+        tokenizer.write_bytes(original)
+    # a cached validation of the old files would have let the changed tokenizer through
+    assert states["validate checkpoints"] == "Failed" and "merge" not in states
+    with pytest.raises(ValidationFailed, match="'code': tokenizer files differ"):
+        state.result()
+
+
+def test_edited_config_reruns_validate_and_merge(project):
+    folder, config_path, _, _ = project
+    before = rerun(folder, config_path)[0]
+    config_file = folder / "code-expert" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["max_position_embeddings"] = config.get("max_position_embeddings", 2048) * 2
+    config_file.write_text(json.dumps(config, indent=2))
+
+    again, states, new = rerun(folder, config_path)
+    assert ran(states) == STEPS
+    assert again["merge"]["key"] != before["merge"]["key"]
+    code_before, code_now = before["fetched"][2], again["fetched"][2]
+    assert code_now["content_hash"] != code_before["content_hash"]
+    assert code_now["weights_hash"] == code_before["weights_hash"]
+    assert new == [again["release"]["version"]]
+
+
+def test_changed_merge_code_reruns_merge_and_registers_a_new_release(project, monkeypatch):
+    folder, config_path, _, _ = project
+    before = rerun(folder, config_path)[0]
+    real = versioning.code_version
+
+    # what editing a file under mergeme/merge does to the merge step's code version
+    def edited(step: str) -> str:
+        return real(step) + ("-edited" if step == "merge" else "")
+
+    monkeypatch.setattr(versioning, "code_version", edited)
+    again, states, new = rerun(folder, config_path)
+    assert ran(states) == ["fetch experts", "merge", "route-calibrate", "evaluate"]
+    assert states["validate checkpoints"] == "Cached"
+    assert again["merge"]["key"] != before["merge"]["key"]
+    assert (folder / "workspace" / "merges" / again["merge"]["key"]).is_dir()
+    assert again["release"]["created"] is True and new == [again["release"]["version"]]
+    tags, old_tags = again["release"]["tags"], before["release"]["tags"]
+    assert tags["mergeme.code_fingerprint"] != old_tags["mergeme.code_fingerprint"]
+
+
+def test_release_run_records_steps_data_and_card(project):
     import mlflow
-    from mergeme.data import dvc_output_md5s
 
-    _, _, first, _ = project
+    folder, _, first, _ = project
     run_id = first["release"]["run_id"]
     run = mlflow.get_run(run_id)
     children = mlflow.search_runs(
@@ -97,15 +227,20 @@ def test_release_run_records_steps_data_and_card(project, dvc_project):
     merge_run = next(child for child in children if child.info.run_name == "merge")
     assert merge_run.data.params["merge.trunk_method"] == "average"
 
-    dvc_md5 = ",".join(dvc_output_md5s(dvc_project / "dvc.lock", "data").values())
-    inputs = {}
-    for item in run.inputs.dataset_inputs:
-        tags = {tag.key: tag.value for tag in item.tags}
-        inputs[tags["mlflow.data.context"]] = (item.dataset.digest, tags)
+    # each split's digest is an md5 over its domains' file md5s; the DVC md5 is a tag
+    inputs = datasets(run_id)
     assert set(inputs) == {"calibration", "eval"}
-    digest, tags = inputs["calibration"]
-    assert digest == dvc_md5
-    assert tags["dvc_md5"] == dvc_md5 and tags["git_revision"]
+    tags = first["release"]["tags"]
+    for context, md5_tag in (("calibration", "calibration_md5"), ("eval", "eval_md5")):
+        files = json.loads(tags[f"mergeme.{md5_tag}"])
+        lines = "\n".join(f"{domain} {md5}" for domain, md5 in sorted(files.items()))
+        digest, input_tags = inputs[context]
+        assert digest == hashlib.md5(lines.encode()).hexdigest()
+        assert {k.removeprefix("md5."): v for k, v in input_tags.items() if k[:4] == "md5."} == (
+            files
+        )
+        assert input_tags["git_revision"] and input_tags["dvc_uncommitted"] == "false"
+    assert inputs["calibration"][0] != inputs["eval"][0]
 
     card = mlflow.artifacts.load_text(f"runs:/{run_id}/model_card.md")
     assert first["release"]["tags"]["mergeme.input_fingerprint"] in card

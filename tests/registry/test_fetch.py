@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from mergeme.checkpoint import hash_weight_files
+from mergeme.checkpoint import hash_checkpoint, hash_weight_files
 from mergeme.config import HuggingFaceSource, LocalSource, MlflowSource
 from mergeme.errors import SourceError
 from mergeme.fetch import fetch_checkpoint
@@ -33,7 +33,8 @@ def test_local_source_is_hashed_in_place(tiny_family):
     )
     assert fetched.path == str(tiny_family.experts["math"])
     assert fetched.resolved == "local"
-    assert fetched.content_hash == hash_weight_files(tiny_family.experts["math"])
+    assert fetched.content_hash == hash_checkpoint(tiny_family.experts["math"])
+    assert fetched.weights_hash == hash_weight_files(tiny_family.experts["math"])
 
 
 def test_missing_local_folder_is_named(tmp_path):
@@ -50,7 +51,7 @@ def test_hugging_face_source_resolves_offline_to_the_pinned_commit(tiny_family, 
 
     assert fetched.resolved == COMMIT
     assert fetched.path.endswith(f"snapshots/{COMMIT}")
-    assert fetched.content_hash == hash_weight_files(tiny_family.experts["math"])
+    assert fetched.content_hash == hash_checkpoint(tiny_family.experts["math"])
 
 
 def test_hugging_face_revision_missing_from_the_cache_is_a_clear_error(tiny_family, tmp_path):
@@ -74,7 +75,9 @@ def test_mlflow_source_by_alias_and_version(tiny_family, tmp_path):
         "code", "expert", "code", MlflowSource(uri=f"models:/tiny-code/{version}"), tmp_path
     )
     assert by_alias.resolved == by_version.resolved == f"tiny-code/{version}"
-    assert by_alias.content_hash == hash_weight_files(folder)
+    # the copy downloaded from the registry hashes like the folder that was registered
+    assert by_alias.content_hash == hash_checkpoint(folder)
+    assert by_alias.weights_hash == hash_weight_files(folder)
     assert (tmp_path / "fetched" / "tiny-code" / version).is_dir()
 
     with pytest.raises(SourceError, match="models:/tiny-code@nope: not found"):

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mergeme.cli import app
 from mergeme.registry.lineage import lineage_tags
 from mergeme.registry.lineage_run import DataInput, StepRecord
-from mergeme.registry.promotion import load_policy, promote, rollback
+from mergeme.registry.promotion import load_policy, promote, promotion_history, rollback
 from mergeme.registry.release import register_release
 from mergeme.registry.store import connect
 from tests.registry.tracking_server import mlflow_server
@@ -59,6 +59,8 @@ def _register(family, workspace: Path, index: int) -> str:
     )
     tags["mergeme.input_fingerprint"] = f"fingerprint-{index}"
     metrics = {f"eval_loss.moe.{d}": loss for d, loss in LOSSES[index].items()}
+    # the base is scored beside the MoE; audit and promotion look at the MoE's losses only
+    metrics |= {f"eval_loss.base.{d}": 3.0 for d in DOMAINS}
     files = {d: str(family.data / d / "calibration.jsonl") for d in DOMAINS}
     data = [DataInput("calibration", "calibration", files, "abc", {"dvc_md5": "abc.dir"})]
     release = register_release(
@@ -102,11 +104,22 @@ def _alias(alias: str) -> str | None:
         return None
 
 
+def _clear_champions() -> None:
+    """No champion and no previous champion, whatever an earlier test left."""
+    from mlflow import MlflowClient
+
+    aliases = MlflowClient().get_registered_model(NAME).aliases or {}
+    for alias in ("champion", "previous-champion"):
+        if alias in aliases:
+            MlflowClient().delete_registered_model_alias(NAME, alias)
+
+
 def test_promotion_is_gated_recorded_and_reversible(store):
     from mlflow import MlflowClient
 
     uri, (v1, v2, v3) = store
     connect(uri, Path("."))
+    _clear_champions()
     policy = load_policy()
     assert [v1, v2, v3] == ["1", "2", "3"]
 
@@ -120,6 +133,12 @@ def test_promotion_is_gated_recorded_and_reversible(store):
     assert tags["mergeme.promotion_reason"] == "better on all domains"
     assert tags["mergeme.promoted_over"] == v1 and tags["mergeme.promoted_by"]
     assert MlflowClient().get_model_version(NAME, v2).current_stage == "Production"
+    promoted = promotion_history(tags)[-1]
+    assert (promoted["action"], promoted["over"], promoted["stage"]) == (
+        "promoted",
+        v1,
+        "Production",
+    )
 
     # worse on code by 5%: refused, the failed metric named, nothing moved
     third = promote(NAME, v3, policy)
@@ -135,8 +154,19 @@ def test_promotion_is_gated_recorded_and_reversible(store):
     assert _alias("champion") == v1 and _alias("previous-champion") == v2
     assert MlflowClient().get_model_version(NAME, v1).current_stage == "Production"
     assert MlflowClient().get_model_version(NAME, v2).current_stage == "Archived"
-    rollback(NAME, policy)  # a rollback can be undone
-    assert _alias("champion") == v2
+
+    # a rollback can be undone; without --stage the restored version takes over the stage
+    rollback(NAME, policy, reason="fixed")
+    assert _alias("champion") == v2 and _alias("previous-champion") == v1
+    assert MlflowClient().get_model_version(NAME, v2).current_stage == "Production"
+    assert MlflowClient().get_model_version(NAME, v1).current_stage == "Archived"
+
+    # every event stays on the version, in order; the latest facts are plain tags
+    history = promotion_history(MlflowClient().get_model_version(NAME, v2).tags)
+    assert [e["action"] for e in history[-3:]] == ["promoted", "rolled_back", "restored"]
+    assert history[-3]["reason"] == "better on all domains" and history[-1]["reason"] == "fixed"
+    v1_history = promotion_history(MlflowClient().get_model_version(NAME, v1).tags)
+    assert [e["action"] for e in v1_history[-3:]] == ["promoted", "restored", "rolled_back"]
 
 
 def test_audit_reads_back_the_lineage_and_run_record(store, tiny_family, tmp_path):
@@ -187,7 +217,12 @@ def restored_environment():
 
 
 def test_cli_audit_json_and_diff(store, tmp_path, restored_environment):
+    from mlflow import MlflowClient
+
     uri, (v1, v2, _) = store
+    connect(uri, Path("."))
+    _clear_champions()
+    MlflowClient().set_registered_model_alias(NAME, "champion", v2)
     runner = CliRunner()
     workspace = ["--workspace", str(tmp_path), "--tracking-uri", uri]
 
@@ -206,7 +241,11 @@ def test_cli_audit_json_and_diff(store, tmp_path, restored_environment):
     assert "expert.code.content_hash" not in diff.output  # unchanged facts are not listed
 
     again = runner.invoke(app, ["promote", NAME, "--version", "@champion", *workspace])
-    assert again.exit_code == 0 and "already the champion" in again.stdout
+    assert again.exit_code == 0 and "already the champion: nothing changed" in again.stdout
+    staged = ["promote", NAME, "--version", "@champion", "--stage", "Staging", *workspace]
+    staged = runner.invoke(app, staged)
+    assert staged.exit_code == 0 and "only the legacy stage was set to Staging" in staged.stdout
+    assert MlflowClient().get_model_version(NAME, v2).current_stage == "Staging"
     refused = runner.invoke(app, ["promote", NAME, "--version", "3", *workspace])
     assert refused.exit_code == 1
     assert "[FAIL] eval_loss.moe.code" in refused.stdout and "refused" in refused.stdout

@@ -22,9 +22,12 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(folder: Path, startup_timeout: float = 120.0) -> Iterator[str]:
-    """Run a tracking server over ``folder``; yields its URL."""
-    port = free_port()
+def mlflow_server(
+    folder: Path, startup_timeout: float = 120.0, port: int | None = None
+) -> Iterator[str]:
+    """Run a tracking server over ``folder`` (on ``port``, default: a free one); yields its
+    URL."""
+    port = port or free_port()
     command = [
         sys.executable,
         "-m",
