@@ -47,7 +47,8 @@ def max_row_cosines(routers: list[torch.Tensor]) -> list[float]:
     for weight in routers:
         norms = weight.norm(dim=-1, keepdim=True)
         cosine = weight @ weight.T / (norms * norms.T + 1e-8)  # (experts, experts)
-        cosines.append(float((cosine - torch.eye(len(weight))).max()))
+        eye = torch.eye(len(weight), device=weight.device)
+        cosines.append(float((cosine - eye).max()))
     return cosines
 
 

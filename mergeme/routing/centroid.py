@@ -85,7 +85,7 @@ def centroid_routers(
             gate.copy_(weight.to(gate.dtype))
         routers.append(weight)
         cosine = weight @ weight.T
-        off_diagonal = cosine - torch.eye(len(rows))
+        off_diagonal = cosine - torch.eye(len(rows), device=weight.device)
         logger.debug("layer %d: max cosine between router rows %.3f", index, off_diagonal.max())
     return routers
 
