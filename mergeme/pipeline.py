@@ -23,6 +23,7 @@ from mergeme.merge.moe_builder import build_moe
 from mergeme.registry.lineage import git_revision, lineage_tags
 from mergeme.registry.release import register_release
 from mergeme.routing.calibrate import calibrate_routers
+from mergeme.routing.centroid import negative_texts_digest
 from mergeme.routing.diagnostics import (
     routing_counts,
     shares_from_counts,
@@ -132,7 +133,11 @@ def calibrate_step(
         )
     experts = {item["name"]: item for item in fetched or [] if item["role"] == "expert"}
     hashes = [experts[e.name]["content_hash"] for e in config.experts if e.name in experts]
-    key = content_key(merged["key"], router.model_dump(), texts, train, hashes)
+    parts = [merged["key"], router.model_dump(), texts, train, hashes]
+    negative = negative_texts_digest(router.centroid)
+    if negative:  # a negative text file is keyed by its content, not only its path
+        parts.append(negative)
+    key = content_key(*parts)
     out = workspace / "calibrated" / key
     report_file = out / "mergeme_router.json"
     if report_file.is_file():
