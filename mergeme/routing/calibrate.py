@@ -185,7 +185,7 @@ def _calibrate_moe(
         routers = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]
 
     conditions = [condition_number(weight) for weight in routers]
-    warn_on_ill_conditioned(conditions, settings.centroid.max_condition_number)
+    warn_on_ill_conditioned(conditions, settings.centroid.max_condition_number, settings.method)
     report = CalibrationReport(
         output=str(Path(out).resolve()),
         method=settings.method,

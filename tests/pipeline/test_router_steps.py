@@ -120,6 +120,8 @@ def test_finetune_curves_and_diagnostics_are_logged_to_mlflow(tiny_family, dvc_p
     client = MlflowClient()
     history = client.get_metric_history(release["run_id"], "finetune.loss")
     assert [m.step for m in history] == [0, 1, 2, 3]
+    times = [m.timestamp for m in history]
+    assert times == sorted(set(times))  # one point per moment, in step order
     assert [m.value for m in history] == pytest.approx(calibrated["loss_curves"]["loss"])
     logged = {item.path for item in client.list_artifacts(release["run_id"])}
     assert {"routing_heatmap.png", "router_condition.csv", "routing_balance.csv"} <= logged

@@ -253,6 +253,23 @@ def test_negative_set_and_the_conditioning_warning(merged, tmp_path, caplog):
     assert len(negative.condition_numbers) == 2
 
 
+@pytest.mark.parametrize(
+    ("method", "hint"),
+    [
+        ("centroid", "router.centroid.negative"),
+        ("ppl_probe", "probe_label_counts"),
+        ("finetune", "load_balancing_coef"),
+        ("random", "router.seed"),
+    ],
+)
+def test_the_conditioning_warning_suggests_what_fits_the_method(caplog, method, hint):
+    with caplog.at_level(logging.WARNING, logger="mergeme.routing.diagnostics"):
+        warn_on_ill_conditioned([1e6], 100.0, method)
+    assert hint in caplog.text and f"{method} router" in caplog.text
+    if method != "centroid":
+        assert "centroid.negative" not in caplog.text
+
+
 def test_finetune_everything_writes_a_loadable_checkpoint(merged, tmp_path):
     finetune = FinetuneSettings(
         scope="all", init="random", steps=2, batch_size=2, learning_rate=0.01
