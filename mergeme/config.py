@@ -184,7 +184,9 @@ class SequenceSettings(StrictModel):
     )
     temperature: float = Field(1.0, gt=0.0, description="Softmax temperature over 1/PPL.")
     prefix_tokens: int | None = Field(
-        None, ge=2, description="Score only the first N tokens of the prompt (default: all)."
+        None,
+        ge=2,
+        description="Score only each row's first N real tokens of the prompt (default: all).",
     )
 
 
