@@ -9,7 +9,8 @@ the sequence, and their outputs are mixed with those weights:
 - ``mixing="layer"`` (default): the input of every layer is shared; each layer's output is
   the weighted sum of the chosen experts' own layers (attention + FFN), and so are the
   embeddings and the final logits.
-- ``mixing="path"``: each chosen expert runs its whole stack alone; the logits are mixed.
+- ``mixing="path"``: each chosen expert runs its whole stack alone; the logits are mixed
+  (so the experts may differ in depth and width).
 
 Cost: one prefill per expert over the prompt to score it, then k expert stacks per token.
 Each chosen expert keeps its own key-value cache.

@@ -84,6 +84,23 @@ def test_least_squares_fit_equals_lstsq_of_the_augmented_system():
     torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-5)
 
 
+def _layer0_router_inputs(merged, texts, labels):
+    """Layer 0's router input of every token, from post_attention_layernorm, with its label."""
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    rows, row_labels = [], []
+    norm = model.model.layers[0].post_attention_layernorm
+    for text, label in zip(texts, labels):
+        captured = []
+        hook = norm.register_forward_hook(lambda _m, _i, out, c=captured: c.append(out))
+        with torch.no_grad():
+            model(**tokenizer(text, return_tensors="pt"))
+        hook.remove()
+        rows.append(captured[0][0])
+        row_labels += [int(label)] * captured[0].shape[1]
+    return torch.cat(rows), torch.tensor(row_labels)
+
+
 def test_probe_router_of_layer_0_fits_the_merged_models_own_hidden_states(
     tiny_family, merged, tmp_path
 ):
@@ -128,23 +145,6 @@ def test_logistic_fit_reaches_the_maximum_likelihood_found_by_lbfgs():
     optimiser.step(closure)
     expected = torch.softmax(hidden.double() @ solution.detach().T, dim=-1).float()
     torch.testing.assert_close(torch.softmax(hidden @ weight.T, -1), expected, atol=1e-4, rtol=0)
-
-
-def _layer0_router_inputs(merged, texts, labels):
-    """Layer 0's router input of every token, from post_attention_layernorm, with its label."""
-    model = AutoModelForCausalLM.from_pretrained(merged).eval()
-    tokenizer = AutoTokenizer.from_pretrained(merged)
-    rows, row_labels = [], []
-    norm = model.model.layers[0].post_attention_layernorm
-    for text, label in zip(texts, labels):
-        captured = []
-        hook = norm.register_forward_hook(lambda _m, _i, out, c=captured: c.append(out))
-        with torch.no_grad():
-            model(**tokenizer(text, return_tensors="pt"))
-        hook.remove()
-        rows.append(captured[0][0])
-        row_labels += [int(label)] * captured[0].shape[1]
-    return torch.cat(rows), torch.tensor(row_labels)
 
 
 def test_default_probe_router_of_layer_0_is_the_logistic_fit_of_its_hidden_states(
