@@ -2,9 +2,13 @@
 expert, and the gap to the oracle (each domain scored by its own dense expert).
 
 For every trunk method × router method (token-level MoE) and for the perplexity-routed
-model, prints one table. Run from anywhere:
+model, prints one table. Every eval text is split into a prefix (its first
+``--prefix-tokens`` real tokens) and the rest: the perplexity-routed model chooses its
+experts on the prefix only, and every row of the table (the oracle and the base too) is
+scored on the tokens after the prefix only, so no router is scored on text it has read to
+decide. Run from anywhere:
 
-    python benchmarks/routing_quality.py [--data DIR] [--experts DIR] [--finetune-steps N]
+    python benchmarks/routing_quality.py [--data DIR] [--experts DIR] [--prefix-tokens N]
 
 The experts folder holds ``base`` and one folder per domain (``math``, ``code``,
 ``knowledge``); the data folder holds ``<domain>/{train,calibration,eval}.jsonl``.
@@ -44,11 +48,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--experts", type=Path, default=REPO / "data" / "experts")
     parser.add_argument("--trunks", default="average,ties,dare_ties")
     parser.add_argument("--routers", default="random,centroid,ppl_probe,finetune")
-    parser.add_argument("--finetune-steps", type=int, default=200)
+    parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--calibration-texts", type=int, default=64)
     parser.add_argument("--eval-texts", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument(
+        "--prefix-tokens",
+        type=int,
+        default=16,
+        help="Real tokens of each eval text the sequence router reads; scoring starts after.",
+    )
+    parser.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="Also write each row's routing diagnostics (tables, heatmap) under the scratch "
+        "folder (one more pass over the eval texts per row).",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="Scratch folder (default: temp).")
     return parser.parse_args()
@@ -63,53 +79,70 @@ def load_split(data: Path, split: str, limit: int) -> dict[str, list[str]]:
     return texts
 
 
-def measure(folder: Path, texts: dict[str, list[str]], max_length: int, own: dict[str, int]):
-    """Per-domain eval loss, the share of tokens (sequences) whose top-k includes the
-    domain's own expert, and the own expert's mean mixing weight (both averaged over layers),
-    from one forward pass per batch.
+def scored_mask(attention_mask: torch.Tensor, prefix_tokens: int) -> torch.Tensor:
+    """The real tokens after each row's first ``prefix_tokens`` real tokens: (batch, tokens).
+    Used as the mask of :func:`token_losses`, it scores the predictions of those tokens only."""
+    seen = attention_mask.long().cumsum(-1)  # real tokens up to and including this one
+    return attention_mask * (seen > prefix_tokens).to(attention_mask.dtype)
 
-    Returns:
-        ``(losses, in_top_k, own_weight)``, each ``{domain: value}`` (the last two empty
-        without ``own``).
-    """
+
+@dataclass
+class Measured:
+    losses: dict[str, float]  # nats per scored token
+    tokens: dict[str, int]  # scored tokens
+    in_top_k: dict[str, float]
+    own_weight: dict[str, float]
+
+
+def measure(
+    folder: Path, texts: dict[str, list[str]], args, own: dict[str, int] | None = None
+) -> Measured:
+    """Per-domain loss on the tokens after the prefix, the share of routing decisions behind
+    those tokens whose top-k includes the domain's own expert, and the own expert's mean
+    mixing weight (both averaged over layers), from one forward pass per batch; the routing
+    numbers are empty without ``own``."""
     from mergeme.evaluate import load_causal_lm
     from mergeme.routing.diagnostics import is_sequence_routed
     from mergeme.text_batches import iter_batches, token_losses
 
     model, tokenizer = load_causal_lm(folder)
-    losses, in_top_k, own_weight = {}, {}, {}
+    sequence_routed = is_sequence_routed(model)
+    result = Measured({}, {}, {}, {})
     for domain, domain_texts in texts.items():
         total, count, stats = 0.0, 0, torch.zeros(3)
-        for batch in iter_batches(tokenizer, domain_texts, max_length, batch_size=16):
+        for batch in iter_batches(tokenizer, domain_texts, args.max_length, batch_size=16):
+            extra = {} if not own or sequence_routed else {"output_router_logits": True}
             with torch.no_grad():
-                extra = (
-                    {} if not own or is_sequence_routed(model) else {"output_router_logits": True}
-                )
                 outputs = model(**batch, **extra)
-            nll, tokens = token_losses(outputs.logits, batch["input_ids"], batch["attention_mask"])
+            scored = scored_mask(batch["attention_mask"], args.prefix_tokens)
+            nll, tokens = token_losses(outputs.logits, batch["input_ids"], scored)
             total, count = total + nll, count + tokens
             if own:
-                stats += _own_expert_stats(model, outputs, batch, own[domain])
-        losses[domain] = total / count
+                stats += _own_expert_stats(model, outputs, scored, own[domain])
+        result.losses[domain], result.tokens[domain] = total / max(count, 1), count
         if own:
-            in_top_k[domain] = float(stats[1] / stats[0])
-            own_weight[domain] = float(stats[2] / stats[0])
-    return losses, in_top_k, own_weight
+            result.in_top_k[domain] = float(stats[1] / stats[0].clamp_min(1))
+            result.own_weight[domain] = float(stats[2] / stats[0].clamp_min(1))
+    return result
 
 
-def _own_expert_stats(model, outputs, batch, own: int) -> torch.Tensor:
+def _own_expert_stats(model, outputs, scored: torch.Tensor, own: int) -> torch.Tensor:
     """(routing decisions, decisions whose top-k has ``own``, summed weight of ``own``): (3,).
-    A decision is one (token, layer) for token routing, one sequence for sequence routing."""
+    A decision is one (token, layer) whose next token is scored, for token routing; one
+    sequence with a scored token, for sequence routing."""
     from mergeme.routing.diagnostics import is_sequence_routed
 
     if is_sequence_routed(model):
-        weights = outputs.routing_weights[:, own]  # (batch,)
+        weights = outputs.routing_weights[scored.any(-1), own]  # (scored rows,)
         return torch.tensor([len(weights), float((weights > 0).sum()), float(weights.sum())])
-    real = batch["attention_mask"].reshape(-1).bool()
+    # the router at token j decides how token j + 1 is predicted
+    decides = torch.zeros_like(scored)
+    decides[:, :-1] = scored[:, 1:]
+    decides = decides.reshape(-1).bool()  # (batch * tokens,)
     top_k = model.config.num_experts_per_tok
     stats = torch.zeros(3)
     for logits in outputs.router_logits:  # one (batch * tokens, experts) per layer
-        top = torch.softmax(logits[real].float(), dim=-1).topk(top_k, dim=-1)
+        top = torch.softmax(logits[decides].float(), dim=-1).topk(top_k, dim=-1)
         weights = top.values / top.values.sum(-1, keepdim=True)  # Mixtral's renormalisation
         is_own = top.indices == own  # (tokens, top_k)
         stats += torch.tensor(
@@ -118,14 +151,36 @@ def _own_expert_stats(model, outputs, batch, own: int) -> torch.Tensor:
     return stats
 
 
+def write_diagnostics(args, folder: Path, evaluation, report: dict | None) -> None:
+    """Routing diagnostics of one row (as the pipeline's evaluate step writes them)."""
+    from mergeme.evaluate import load_causal_lm
+    from mergeme.routing.diagnostics import routing_counts, write_routing_diagnostics
+
+    model, tokenizer = load_causal_lm(folder)
+    counts = routing_counts(model, tokenizer, evaluation, args.max_length, batch_size=16)
+    write_routing_diagnostics(counts, list(DOMAINS), folder / "diagnostics", report)
+
+
+def _row(args, trunk: str, router: str, folder: Path, evaluation, start: float, report=None):
+    """Measure one calibrated checkpoint (and write its diagnostics when asked)."""
+    own = {domain: index for index, domain in enumerate(DOMAINS)}
+    measured = measure(folder, evaluation, args, own)
+    if args.diagnostics:
+        write_diagnostics(args, folder, evaluation, report)
+    seconds = time.perf_counter() - start
+    print(f"  {trunk} + {router}: {seconds:.0f} s", flush=True)
+    return Row(trunk, router, measured.losses, measured.in_top_k, measured.own_weight, seconds)
+
+
 def token_level_rows(args, scratch, calibration, train, evaluation) -> list[Row]:
+    from dataclasses import asdict
+
     from mergeme.checkpoint import Checkpoint
     from mergeme.config import FinetuneSettings, MergeConfig, RouterConfig
     from mergeme.merge.moe_builder import build_moe
     from mergeme.routing.calibrate import calibrate_routers
 
     paths = [args.experts / domain for domain in DOMAINS]
-    own = {domain: index for index, domain in enumerate(DOMAINS)}
     rows = []
     for trunk in args.trunks.split(","):
         merged = scratch / f"moe-{trunk}"
@@ -141,7 +196,7 @@ def token_level_rows(args, scratch, calibration, train, evaluation) -> list[Row]
             )
             settings = RouterConfig(method=method, max_length=args.max_length, finetune=finetune)
             out = scratch / f"{trunk}-{method}"
-            calibrate_routers(
+            report = calibrate_routers(
                 merged,
                 out,
                 [calibration[d] for d in DOMAINS],
@@ -149,10 +204,7 @@ def token_level_rows(args, scratch, calibration, train, evaluation) -> list[Row]
                 expert_paths=paths,
                 train_texts_per_expert=[train[d] for d in DOMAINS],
             )
-            losses, shares, weights = measure(out, evaluation, args.max_length, own)
-            seconds = time.perf_counter() - start
-            rows.append(Row(trunk, method, losses, shares, weights, seconds))
-            print(f"  {trunk} + {method}: {time.perf_counter() - start:.0f} s", flush=True)
+            rows.append(_row(args, trunk, method, out, evaluation, start, asdict(report)))
     return rows
 
 
@@ -161,23 +213,20 @@ def sequence_rows(args, scratch, evaluation) -> list[Row]:
     from mergeme.models.build import build_ppl_routed
 
     paths = [args.experts / domain for domain in DOMAINS]
-    own = {domain: index for index, domain in enumerate(DOMAINS)}
-    variants = {
+    prefix = args.prefix_tokens
+    variants = {  # every variant chooses its experts on the prefix only
         "ppl_sequence layer": SequenceSettings(mixing="layer"),
         "ppl_sequence path": SequenceSettings(mixing="path"),
         "ppl_sequence layer, top-1": SequenceSettings(mixing="layer", top_k=1),
         "ppl_sequence layer, T 0.05": SequenceSettings(mixing="layer", temperature=0.05),
-        "ppl_sequence layer, prefix 16": SequenceSettings(mixing="layer", prefix_tokens=16),
     }
     rows = []
     for name, settings in variants.items():
         start = time.perf_counter()
         out = scratch / name.replace(" ", "_").replace(",", "")
+        settings = settings.model_copy(update={"prefix_tokens": prefix})
         build_ppl_routed(paths, out, settings, expert_names=list(DOMAINS))
-        losses, shares, weights = measure(out, evaluation, args.max_length, own)
-        seconds = time.perf_counter() - start
-        rows.append(Row("separate", name, losses, shares, weights, seconds))
-        print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        rows.append(_row(args, "separate", name, out, evaluation, start))
     return rows
 
 
@@ -212,28 +261,32 @@ def main() -> None:
     for folder in [args.data, *(args.experts / name for name in ("base", *DOMAINS))]:
         if not folder.is_dir():
             raise SystemExit(f"{folder} does not exist; pass --data/--experts or run dvc repro")
+    if args.prefix_tokens < 2:
+        raise SystemExit("--prefix-tokens must be at least 2: the router scores next tokens")
 
     calibration = load_split(args.data, "calibration", args.calibration_texts)
     evaluation = load_split(args.data, "eval", args.eval_texts)
     train = load_split(args.data, "train", 1000)
 
     begin = time.perf_counter()
-    oracle = {}
+    oracle, scored = {}, {}
     for domain in DOMAINS:
-        losses, *_ = measure(
-            args.experts / domain, {domain: evaluation[domain]}, args.max_length, {}
-        )
-        oracle[domain] = losses[domain]
-    base, *_ = measure(args.experts / "base", evaluation, args.max_length, {})
-    rows = token_level_rows(args, scratch, calibration, train, evaluation)
+        own = measure(args.experts / domain, {domain: evaluation[domain]}, args)
+        oracle[domain], scored[domain] = own.losses[domain], own.tokens[domain]
+    base = measure(args.experts / "base", evaluation, args).losses
+    rows = token_level_rows(args, scratch, calibration, train, evaluation) if args.routers else []
     rows += sequence_rows(args, scratch, evaluation)
+    tokens = ", ".join(f"{d} {n}" for d, n in scored.items())
     print(
-        f"\n{args.eval_texts} eval texts per domain, {args.calibration_texts} calibration texts, "
-        f"finetune {args.finetune_steps} steps (batch 8, lr {args.finetune_lr}, routers only, "
-        f"from centroid), max length {args.max_length}; gap = (loss - oracle) / oracle; "
-        f"total {time.perf_counter() - begin:.0f} s\n"
+        f"\n{args.eval_texts} eval texts per domain, scored after their first "
+        f"{args.prefix_tokens} tokens ({tokens} scored tokens); {args.calibration_texts} "
+        f"calibration texts; finetune {args.finetune_steps} steps (batch 8, lr "
+        f"{args.finetune_lr}, routers only, from centroid); max length {args.max_length}; "
+        f"gap = (loss - oracle) / oracle; total {time.perf_counter() - begin:.0f} s\n"
     )
     print_table(rows, oracle, base)
+    if args.diagnostics:
+        print(f"\nrouting diagnostics: {scratch}/*/diagnostics/")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mergeme.errors import ConfigError
 
@@ -52,15 +59,32 @@ class MlflowSource(StrictModel):
 Source = Annotated[LocalSource | HuggingFaceSource | MlflowSource, Field(discriminator="kind")]
 
 
+# names the pipeline gives models of its own: an expert or base of that name would collide
+RESERVED_MODEL_NAMES = ("moe",)
+
+
+def _refuse_reserved_name(name: str) -> str:
+    if name in RESERVED_MODEL_NAMES:
+        raise ValueError(
+            f"the name {name!r} is reserved for the merged model in evaluation tables and "
+            "metrics; rename this model"
+        )
+    return name
+
+
 class ExpertConfig(StrictModel):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Short unique expert name.")
     domain: str = Field(min_length=1, description="The data domain this expert is trained on.")
     source: Source
 
+    _check_name = field_validator("name")(_refuse_reserved_name)
+
 
 class BaseModelConfig(StrictModel):
     name: str = "base"
     source: Source
+
+    _check_name = field_validator("name")(_refuse_reserved_name)
 
 
 class MergeConfig(StrictModel):
@@ -85,16 +109,48 @@ class MergeConfig(StrictModel):
     )
 
 
+class NegativeTextsConfig(StrictModel):
+    """Texts that no expert should be chosen for (like mergekit's negative prompts)."""
+
+    path: Path = Field(
+        description="A .jsonl file with a 'text' field on every line, or a .txt file with one "
+        "text per line."
+    )
+    max_texts: int = Field(256, ge=1, description="Use at most this many texts of the file.")
+
+
 class CentroidSettings(StrictModel):
     """``centroid`` routers: what is subtracted from each expert's mean, and when to warn."""
 
-    negative: Literal["none", "other_domains"] = Field(
-        "none", description="Subtract the mean of the other experts' centroids from each row."
+    negative: Literal["none", "other_domains", "texts"] = Field(
+        "none",
+        description="Subtract from each row the mean of the other experts' centroids "
+        "('other_domains') or the centroid of negative_texts ('texts').",
     )
     negative_weight: float = Field(1.0, ge=0.0, description="Scale of the subtracted mean.")
-    max_condition_number: float = Field(
-        100.0, gt=1.0, description="Warn when a layer's router matrix is worse conditioned."
+    negative_texts: NegativeTextsConfig | None = Field(
+        None, description="The negative text set of negative: texts."
     )
+    max_condition_number: float = Field(
+        100.0,
+        gt=1.0,
+        description="Warn when a layer's router matrix is worse conditioned (every router "
+        "method that writes router weights).",
+    )
+
+    @model_validator(mode="after")
+    def _check_negative_texts(self) -> CentroidSettings:
+        if self.negative == "texts" and self.negative_texts is None:
+            raise ValueError(
+                "router.centroid.negative_texts is required when negative is 'texts'; give "
+                "negative_texts: {path: FILE.jsonl} or choose another negative"
+            )
+        if self.negative != "texts" and self.negative_texts is not None:
+            raise ValueError(
+                f"router.centroid.negative_texts is set but negative is {self.negative!r}, so "
+                "it would be ignored; set negative: texts or remove negative_texts"
+            )
+        return self
 
 
 class ProbeSettings(StrictModel):
@@ -128,7 +184,9 @@ class SequenceSettings(StrictModel):
     )
     temperature: float = Field(1.0, gt=0.0, description="Softmax temperature over 1/PPL.")
     prefix_tokens: int | None = Field(
-        None, ge=2, description="Score only the first N tokens of the prompt (default: all)."
+        None,
+        ge=2,
+        description="Score only each row's first N real tokens of the prompt (default: all).",
     )
 
 

@@ -116,6 +116,10 @@ def calibrate_fingerprint(config: PipelineConfig, merged: dict) -> str:
     data = {"calibration": split_md5s(config, config.data.calibration_split)}
     if router.method == "finetune" and router.finetune.split is not None:
         data["finetune"] = split_md5s(config, router.finetune.split)
+    negative = router.centroid.negative_texts
+    if router.centroid.negative == "texts" and negative is not None:
+        # a negative text file is keyed by its content, not only by its path
+        data["negative_texts"] = file_md5(Path(negative.path))
     return digest("calibrate", merged["key"], router.model_dump(), data, code_version("calibrate"))
 
 

@@ -55,6 +55,22 @@ def test_calibrate_fingerprint_covers_the_finetune_training_split(
     assert versioning.calibrate_fingerprint(centroid, merged) == before["centroid"]
 
 
+def test_calibrate_fingerprint_covers_the_negative_text_file(tiny_family, dvc_project, tmp_path):
+    negative = tmp_path / "negative.txt"
+    negative.write_text("nothing about any domain\n")
+    router = {
+        "method": "centroid",
+        "centroid": {"negative": "texts", "negative_texts": {"path": str(negative)}},
+    }
+    config = load_config(write_pipeline_config(tmp_path, tiny_family, dvc_project, router=router))
+    merged = {"key": "merged"}
+    before = versioning.calibrate_fingerprint(config, merged)
+
+    # the same path with other content must not reuse the calibrated routers
+    negative.write_text("something else entirely\n")
+    assert versioning.calibrate_fingerprint(config, merged) != before
+
+
 def test_clean_stale_partials_keeps_finished_folders(tmp_path):
     finished = tmp_path / "merges" / "abc"
     with atomic_folder(finished) as folder:

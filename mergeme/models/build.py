@@ -25,8 +25,13 @@ DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 PROVENANCE_FILE = "mergeme_ppl_moe.json"
 
 
-def _check_experts(experts: list[Checkpoint]) -> None:
-    """Raise CheckpointError for an unsupported or mismatched expert, naming it."""
+def _check_experts(experts: list[Checkpoint], mixing: str) -> None:
+    """Raise CheckpointError for an unsupported or mismatched expert, naming it.
+
+    Every expert must share the vocabulary and tokenizer; ``layer`` mixing sums the experts'
+    hidden states layer by layer, so it also needs equal depth and hidden size (``path``
+    mixing only sums logits and does not).
+    """
     for expert in experts:
         if expert.config.get("model_type") not in DENSE_TYPES:
             raise CheckpointError(
@@ -34,12 +39,14 @@ def _check_experts(experts: list[Checkpoint]) -> None:
                 f"{DENSE_TYPES}; the perplexity-routed model needs dense decoder stacks"
             )
     reference = experts[0]
+    shared = ["vocab_size"] + (["num_hidden_layers", "hidden_size"] if mixing == "layer" else [])
     for expert in experts[1:]:
-        for key in ("vocab_size", "num_hidden_layers"):
+        for key in shared:
             if expert.config.get(key) != reference.config.get(key):
+                fix = "" if key == "vocab_size" else " for mixing 'layer'; or use mixing 'path'"
                 raise CheckpointError(
                     f"{expert.name}: {key} {expert.config.get(key)} differs from "
-                    f"{reference.name}'s {reference.config.get(key)}; experts must share it"
+                    f"{reference.name}'s {reference.config.get(key)}; experts must share it{fix}"
                 )
         for file in ("tokenizer.json", "tokenizer.model", "vocab.json"):
             ours, theirs = reference.path / file, expert.path / file
@@ -89,7 +96,7 @@ def build_ppl_routed(
 
     Raises:
         CheckpointError: an expert is not a supported dense model, or the experts differ in
-            vocabulary, depth or tokenizer.
+            vocabulary or tokenizer, or (for ``layer`` mixing) in depth or hidden size.
         ValueError: ``settings.top_k`` is more than the number of experts.
         FileExistsError: ``out`` exists and ``overwrite`` is false.
     """
@@ -98,7 +105,7 @@ def build_ppl_routed(
     experts = [Checkpoint(path) for path in expert_paths]
     names = expert_names or [expert.name for expert in experts]
     try:
-        _check_experts(experts)
+        _check_experts(experts, settings.mixing)
         specs, configs, sources = _plan(experts)
         config = PplRoutedConfig(
             expert_configs=configs,

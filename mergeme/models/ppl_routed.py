@@ -9,7 +9,8 @@ the sequence, and their outputs are mixed with those weights:
 - ``mixing="layer"`` (default): the input of every layer is shared; each layer's output is
   the weighted sum of the chosen experts' own layers (attention + FFN), and so are the
   embeddings and the final logits.
-- ``mixing="path"``: each chosen expert runs its whole stack alone; the logits are mixed.
+- ``mixing="path"``: each chosen expert runs its whole stack alone; the logits are mixed
+  (so the experts may differ in depth and width).
 
 Cost: one prefill per expert over the prompt to score it, then k expert stacks per token.
 Each chosen expert keeps its own key-value cache.
@@ -120,10 +121,28 @@ def routing_weights_from_losses(
     return torch.zeros_like(inverse_perplexity).scatter(1, top.indices, weights)
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position counted over the real tokens of its row, 0 on left padding:
+    (batch, tokens). A left-padded row gets the positions an unpadded run would give it."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def first_real_tokens(attention_mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The attention mask of each row's first ``count`` real tokens, wherever the padding is:
+    (batch, tokens)."""
+    running = attention_mask.long().cumsum(-1)  # real tokens so far, per row
+    return attention_mask * (running <= count).to(attention_mask.dtype)
+
+
 def prompt_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL per row of a dense causal LM over the real tokens: (batch,).
-    A row with fewer than two real tokens predicts nothing and scores 0."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    Padding may sit on either side. A row with fewer than two real tokens predicts nothing
+    and scores 0."""
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions_from_mask(attention_mask),
+    ).logits.float()
     log_probs = torch.log_softmax(logits[:, :-1], dim=-1)  # (batch, tokens - 1, vocab)
     nll = -log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).float()  # (batch, tokens - 1)
@@ -144,13 +163,20 @@ class PplRoutedForCausalLM(PplRoutedPreTrainedModel, GenerationMixin):
     def __init__(self, config: PplRoutedConfig):
         super().__init__(config)
         dense = [config.dense_config(i) for i in range(config.num_experts)]
-        depths = {item.num_hidden_layers for item in dense}
-        if config.mixing == "layer" and len(depths) > 1:
-            raise ValueError(
-                f"mixing 'layer' needs experts of equal depth, got {sorted(depths)} layers; "
-                "use mixing 'path'"
-            )
-        self.experts = nn.ModuleList([AutoModelForCausalLM.from_config(item) for item in dense])
+        if config.mixing == "layer":
+            for key in ("num_hidden_layers", "hidden_size"):
+                values = sorted({getattr(item, key) for item in dense})
+                if len(values) > 1:
+                    raise ValueError(
+                        f"mixing 'layer' needs experts of equal {key}, got {values}; "
+                        "use mixing 'path'"
+                    )
+        # the experts' stored configs name the dtype they were saved in; follow the dtype this
+        # model is being built in instead (from_pretrained(dtype=...) sets it as the default)
+        dtype = torch.get_default_dtype()
+        self.experts = nn.ModuleList(
+            [AutoModelForCausalLM.from_config(item, dtype=dtype) for item in dense]
+        )
         self.post_init()
 
     @classmethod
@@ -158,11 +184,14 @@ class PplRoutedForCausalLM(PplRoutedPreTrainedModel, GenerationMixin):
         return False  # forward builds its own cache: one per chosen expert
 
     def score_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Every expert's mean NLL on the prompt (its first ``routing_prefix_tokens`` tokens,
-        if set): (batch, experts). One prefill per expert."""
+        """Every expert's mean NLL on the prompt (each row's first ``routing_prefix_tokens``
+        real tokens, if set): (batch, experts). One prefill per expert."""
         prefix = self.config.routing_prefix_tokens
         if prefix is not None:
-            input_ids, attention_mask = input_ids[:, :prefix], attention_mask[:, :prefix]
+            attention_mask = first_real_tokens(attention_mask, prefix)
+            # drop the columns after the last prefix token of any row (causal: unseen anyway)
+            width = int(attention_mask.nonzero()[:, 1].max()) + 1 if attention_mask.any() else 1
+            input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
         with torch.no_grad():
             columns = [prompt_losses(e, input_ids, attention_mask) for e in self.experts]
         return torch.stack(columns, dim=1)
@@ -178,10 +207,16 @@ class PplRoutedForCausalLM(PplRoutedPreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         **kwargs,
     ) -> PplRoutedOutput:
-        """Logits (batch, tokens, vocab) of the routed experts' mix; see the module doc."""
+        """Logits (batch, tokens, vocab) of the routed experts' mix; see the module doc.
+
+        ``routing_weights`` (batch, experts), when given, replaces the scoring of the prompt:
+        each row mixes the experts with its own weights, and an expert whose column is zero
+        is not run. ``position_ids`` default to positions over each row's real tokens.
+        """
         past = cache.get_seq_length() if cache is not None else 0
+        device, (batch, tokens) = input_ids.device, input_ids.shape
         if attention_mask is None:  # covers the cached tokens too: (batch, past + tokens)
-            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1]).long()
+            attention_mask = torch.ones(batch, past + tokens, dtype=torch.long, device=device)
 
         # routing: given, or kept in the cache, or scored now on this (prompt) input
         losses = None
@@ -192,11 +227,13 @@ class PplRoutedForCausalLM(PplRoutedPreTrainedModel, GenerationMixin):
             routing_weights = routing_weights_from_losses(
                 losses, self.config.experts_per_sequence, self.config.routing_temperature
             )
+        routing_weights = routing_weights.to(device)
         if use_cache and cache is None:
             cache = ExpertCaches(routing_weights)
 
+        # positions over each row's real tokens, so left padding shifts nothing
         if position_ids is None:
-            position_ids = (torch.arange(input_ids.shape[1]) + past).unsqueeze(0)
+            position_ids = positions_from_mask(attention_mask)[:, -tokens:]  # (batch, tokens)
         chosen = [i for i in range(self.config.num_experts) if routing_weights[:, i].any()]
         mix = self._mix_layers if self.config.mixing == "layer" else self._mix_paths
         logits = mix(input_ids, attention_mask, position_ids, cache, routing_weights, chosen)
@@ -227,7 +264,8 @@ class PplRoutedForCausalLM(PplRoutedPreTrainedModel, GenerationMixin):
 
     def _mix_layers(self, input_ids, attention_mask, position_ids, cache, weights, chosen):
         stacks = [self.experts[index].model for index in chosen]
-        alphas = [weights[:, index, None, None] for index in chosen]  # each (batch, 1, 1)
+        dtype = stacks[0].embed_tokens.weight.dtype  # mixing in float32 would upcast layers
+        alphas = [weights[:, index, None, None].to(dtype) for index in chosen]  # (batch, 1, 1)
         caches = [
             cache.for_expert(index, self.experts[index].config) if cache else None
             for index in chosen

@@ -19,7 +19,7 @@ from mergeme.config import RouterConfig
 from mergeme.io.atomic import atomic_folder
 from mergeme.io.derive import derive_checkpoint
 from mergeme.merge.families import architecture_for_moe
-from mergeme.routing.centroid import centroid_routers
+from mergeme.routing.centroid import centroid_routers, load_negative_texts
 from mergeme.routing.diagnostics import condition_number, warn_on_ill_conditioned
 from mergeme.routing.finetune import finetune_moe
 from mergeme.routing.methods import router_method
@@ -47,7 +47,8 @@ def max_row_cosines(routers: list[torch.Tensor]) -> list[float]:
     for weight in routers:
         norms = weight.norm(dim=-1, keepdim=True)
         cosine = weight @ weight.T / (norms * norms.T + 1e-8)  # (experts, experts)
-        cosines.append(float((cosine - torch.eye(len(weight))).max()))
+        eye = torch.eye(len(weight), device=weight.device)
+        cosines.append(float((cosine - eye).max()))
     return cosines
 
 
@@ -75,6 +76,9 @@ def _initial_routers(
         return routers, []
     if method == "centroid":
         centroid = settings.centroid
+        negative_texts = None
+        if centroid.negative == "texts":
+            negative_texts = load_negative_texts(centroid.negative_texts)
         routers = centroid_routers(
             model,
             tokenizer,
@@ -82,6 +86,7 @@ def _initial_routers(
             settings.max_length,
             negative=centroid.negative,
             negative_weight=centroid.negative_weight,
+            negative_texts=negative_texts,
         )
         return routers, []
     if not expert_paths:
@@ -180,7 +185,7 @@ def _calibrate_moe(
         routers = [layer.mlp.gate.weight.detach().clone() for layer in model.model.layers]
 
     conditions = [condition_number(weight) for weight in routers]
-    warn_on_ill_conditioned(conditions, settings.centroid.max_condition_number)
+    warn_on_ill_conditioned(conditions, settings.centroid.max_condition_number, settings.method)
     report = CalibrationReport(
         output=str(Path(out).resolve()),
         method=settings.method,

@@ -28,18 +28,35 @@ def condition_number(weight: torch.Tensor) -> float:
     return float(values.max()) / smallest if smallest > 0 else math.inf
 
 
-def warn_on_ill_conditioned(conditions: list[float], limit: float) -> list[int]:
+# what to try when a method's router rows come out nearly parallel
+CONDITION_HINTS = {
+    "centroid": "try router.centroid.negative: other_domains or texts, or another router method",
+    "ppl_probe": "check probe_label_counts in the calibration report (the labels may be one "
+    "expert's), give more calibration texts, or try router.probe.fit: least_squares",
+    "finetune": "train for more steps, raise router.finetune.load_balancing_coef, or start "
+    "from another router.finetune.init",
+    "random": "draw with another router.seed, or calibrate with centroid or ppl_probe",
+}
+
+
+def warn_on_ill_conditioned(
+    conditions: list[float], limit: float, method: str = "centroid"
+) -> list[int]:
     """Log a warning for every layer whose router condition number exceeds ``limit``
-    (near-parallel rows route alike); returns those layers."""
+    (near-parallel rows route alike), with a hint fitting router ``method``; returns those
+    layers."""
     bad = [layer for layer, value in enumerate(conditions) if value > limit]
+    hint = CONDITION_HINTS.get(method, "try another router method")
     for layer in bad:
         logger.warning(
-            "layer %d: router condition number %.1f > %.1f; its expert rows are nearly "
-            "parallel, so the router barely tells the experts apart (try "
-            "router.centroid.negative: other_domains or another router method)",
+            "layer %d: router condition number %.1f > %.1f (router.centroid."
+            "max_condition_number); its expert rows are nearly parallel, so the router "
+            "barely tells the experts apart (%s router: %s)",
             layer,
             conditions[layer],
             limit,
+            method,
+            hint,
         )
     return bad
 

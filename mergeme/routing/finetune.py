@@ -25,7 +25,9 @@ def layer_balance_loss(logits: torch.Tensor, top_k: int, mask: torch.Tensor | No
     """``N · Σᵢ uᵢ·pᵢ`` for one layer's router logits (tokens, experts); ``mask`` (tokens,)
     marks the real tokens. Gradients flow through pᵢ only (uᵢ counts discrete choices)."""
     num_experts = logits.shape[-1]
-    weights = torch.ones(logits.shape[0]) if mask is None else mask.float()  # (tokens,)
+    weights = (
+        torch.ones(logits.shape[0], device=logits.device) if mask is None else mask.float()
+    )  # (tokens,)
     probs = torch.softmax(logits.float(), dim=-1)  # (tokens, experts)
     chosen = probs.topk(top_k, dim=-1).indices  # (tokens, top_k)
     in_top_k = torch.zeros_like(probs).scatter_(1, chosen, 1.0)  # (tokens, experts)

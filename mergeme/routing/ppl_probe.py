@@ -103,7 +103,7 @@ def fit_least_squares(
     hidden = hidden.double()
     targets = torch.nn.functional.one_hot(labels, num_experts).double()  # (n, experts)
     gram = hidden.T @ hidden  # (hidden, hidden)
-    gram += ridge * len(hidden) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    gram += ridge * len(hidden) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     weight = torch.linalg.solve(gram, hidden.T @ targets)  # (hidden, experts)
     return weight.T.float()
 

@@ -1,101 +1,129 @@
-"""The perplexity-routed model against its dense experts, computed independently."""
+"""The perplexity-routed model against its dense experts, computed independently: the mixing
+with given weights, the weights the model picks, and generation."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import mergeme.models  # noqa: F401  (registers the Auto classes)
-from mergeme.config import SequenceSettings
-from mergeme.errors import CheckpointError
-from mergeme.models.build import build_ppl_routed
-from mergeme.models.ppl_routed import PplRoutedForCausalLM
+from mergeme.models.ppl_routed import routing_weights_from_losses
+from tests.models.llama_reference import ReferenceLlama, layer_mixed_logits
+from tests.models.ppl_helpers import TEXT, build_family, dense, expert_losses
 
-TEXT = "Ann has 3 apples and buys 4 more. Answer:"
+# per-row weights far from equal, so a swapped or averaged α shows
+WEIGHTS = torch.tensor([[0.8, 0.2], [0.3, 0.7]])
 
 
-def _dense(path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+@pytest.fixture
+def tokenizer_ids(tiny_family):
+    from transformers import AutoTokenizer
 
-
-def _build(tiny_family, tmp_path, domains, **settings):
-    paths = [tiny_family.experts[d] for d in domains]
-    out = tmp_path / f"ppl-{'-'.join(domains)}-{settings.get('mixing', 'layer')}"
-    build_ppl_routed(paths, out, SequenceSettings(**settings), expert_names=list(domains))
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    return out, model, AutoTokenizer.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family.experts["math"])
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    return ids.repeat(2, 1)  # (2, tokens): one row per row of WEIGHTS
 
 
 @pytest.mark.parametrize("mixing", ["layer", "path"])
 def test_one_expert_equals_that_expert(tiny_family, tmp_path, mixing):
-    _, model, tokenizer = _build(tiny_family, tmp_path, ["code"], top_k=1, mixing=mixing)
-    expert = _dense(tiny_family.experts["code"])
+    _, model, tokenizer = build_family(tiny_family, tmp_path, ["code"], top_k=1, mixing=mixing)
+    expert = dense(tiny_family.experts["code"])
     ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expert(input_ids=ids).logits)
 
 
-def _hand_weights(experts, ids):
-    """softmax over 1/PPL, each PPL from the expert's own loss."""
+def test_the_reference_llama_equals_the_dense_expert(tiny_family, tokenizer_ids):
+    """The hand-written forward pass is itself right before it is used as a reference."""
+    expert = dense(tiny_family.experts["math"])
+    ids = tokenizer_ids
     with torch.no_grad():
-        losses = torch.tensor([e(input_ids=ids, labels=ids).loss.item() for e in experts])
-    return torch.softmax(torch.exp(-losses), dim=0)
+        expected = expert(input_ids=ids).logits
+    ours = layer_mixed_logits([ReferenceLlama(expert)], torch.ones(len(ids), 1), ids)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
 
 
-def _hand_layer_mix(experts, alphas, ids):
-    """Every layer's output is the α-mix of the experts' own layers on the shared input."""
-    tokens = ids.shape[1]
-    mask = torch.full((tokens, tokens), float("-inf")).triu(1)[None, None]  # (1, 1, t, t)
-    positions = torch.arange(tokens)[None]
-    hidden = sum(a * e.model.embed_tokens(ids) for a, e in zip(alphas, experts))
-    for layer in range(experts[0].config.num_hidden_layers):
-        outputs = []
-        for expert in experts:
-            rope = expert.model.rotary_emb(hidden, positions)
-            block = expert.model.layers[layer]
-            outputs.append(block(hidden, attention_mask=mask, position_embeddings=rope))
-        hidden = sum(a * out for a, out in zip(alphas, outputs))
-    return sum(a * e.lm_head(e.model.norm(hidden)) for a, e in zip(alphas, experts))
+def test_layer_mixing_with_given_weights_equals_the_hand_mix(tiny_family, tmp_path, tokenizer_ids):
+    domains = ["math", "knowledge"]
+    _, model, _ = build_family(tiny_family, tmp_path, domains, top_k=2, mixing="layer")
+    experts = [ReferenceLlama(dense(tiny_family.experts[d])) for d in domains]
+    ids = tokenizer_ids
+
+    expected = layer_mixed_logits(experts, WEIGHTS, ids)
+    with torch.no_grad():
+        output = model(input_ids=ids, routing_weights=WEIGHTS)
+    torch.testing.assert_close(output.logits, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(output.routing_weights, WEIGHTS)
+    # the two rows got different mixes, so the weights really reached the layers
+    assert not torch.allclose(output.logits[0], output.logits[1], atol=1e-3)
+
+
+def test_path_mixing_with_given_weights_is_the_mix_of_the_experts_logits(
+    tiny_family, tmp_path, tokenizer_ids
+):
+    domains = ["math", "knowledge"]
+    _, model, _ = build_family(tiny_family, tmp_path, domains, top_k=2, mixing="path")
+    experts = [dense(tiny_family.experts[d]) for d in domains]
+    ids = tokenizer_ids
+    with torch.no_grad():
+        first, second = (e(input_ids=ids).logits for e in experts)
+        output = model(input_ids=ids, routing_weights=WEIGHTS)
+    for row, (a, b) in enumerate(WEIGHTS.tolist()):
+        expected = a * first[row] + b * second[row]
+        torch.testing.assert_close(output.logits[row], expected, rtol=1e-5, atol=1e-5)
+
+
+def _formula(losses: list[float], top_k: int, temperature: float) -> list[float]:
+    """softmax(top-k(1/PPL) / T) with plain floats, zero outside the top-k."""
+    inverse = [math.exp(-loss) for loss in losses]
+    kept = sorted(range(len(losses)), key=lambda i: -inverse[i])[:top_k]
+    scale = sum(math.exp(inverse[i] / temperature) for i in kept)
+    return [
+        math.exp(inverse[i] / temperature) / scale if i in kept else 0.0 for i in range(len(losses))
+    ]
+
+
+@pytest.mark.parametrize(("top_k", "temperature"), [(2, 1.0), (2, 0.1), (1, 1.0), (3, 0.5)])
+def test_routing_weights_are_softmax_of_the_top_k_inverse_perplexities(top_k, temperature):
+    losses = [[0.1, 2.0, 0.5, 3.0], [4.0, 0.05, 1.5, 0.7]]  # (batch, experts), nats
+    weights = routing_weights_from_losses(torch.tensor(losses), top_k, temperature)
+    expected = torch.tensor([_formula(row, top_k, temperature) for row in losses])
+    torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_model_scores_the_prompt_with_each_experts_own_perplexity(tiny_family, tmp_path):
+    domains = ["math", "code", "knowledge"]
+    _, model, tokenizer = build_family(tiny_family, tmp_path, domains, top_k=2, temperature=0.5)
+    experts = [dense(tiny_family.experts[d]) for d in domains]
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    losses = expert_losses(experts, ids)  # transformers' own loss of each dense expert
+    with torch.no_grad():
+        output = model(input_ids=ids)
+    torch.testing.assert_close(output.expert_losses[0], losses, rtol=1e-5, atol=1e-6)
+    expected = torch.tensor([_formula(losses.tolist(), 2, 0.5)])
+    torch.testing.assert_close(output.routing_weights, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mixing", ["layer", "path"])
-def test_two_experts_equal_a_reference_computed_by_hand(tiny_family, tmp_path, mixing):
-    domains = ["math", "knowledge"]
-    _, model, tokenizer = _build(tiny_family, tmp_path, domains, top_k=2, mixing=mixing)
-    experts = [_dense(tiny_family.experts[d]) for d in domains]
-    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
-
-    alphas = _hand_weights(experts, ids)
-    with torch.no_grad():
-        if mixing == "path":
-            expected = sum(a * e(input_ids=ids).logits for a, e in zip(alphas, experts))
-        else:
-            expected = _hand_layer_mix(experts, alphas, ids)
-        output = model(input_ids=ids)
-
-    torch.testing.assert_close(output.routing_weights[0], alphas, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(output.logits, expected, rtol=1e-4, atol=1e-4)
-
-
-def test_top_k_keeps_the_experts_of_lowest_perplexity(tiny_family, tmp_path):
+def test_top_1_of_3_is_the_expert_of_lowest_perplexity(tiny_family, tmp_path, mixing):
     domains = ["math", "code", "knowledge"]
-    _, model, tokenizer = _build(tiny_family, tmp_path, domains, top_k=2, temperature=0.5)
-    experts = [_dense(tiny_family.experts[d]) for d in domains]
-    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        losses = torch.tensor([e(input_ids=ids, labels=ids).loss.item() for e in experts])
-        weights = model(input_ids=ids).routing_weights[0]
-    kept = losses.argsort()[:2]
-    assert set(weights.nonzero().flatten().tolist()) == set(kept.tolist())
-    expected = torch.softmax(torch.exp(-losses[kept]) / 0.5, dim=0)
-    torch.testing.assert_close(weights[kept], expected, rtol=1e-5, atol=1e-6)
+    _, model, tokenizer = build_family(tiny_family, tmp_path, domains, top_k=1, mixing=mixing)
+    experts = [dense(tiny_family.experts[d]) for d in domains]
+    for text in [TEXT, "import os\nprint(os.getcwd())"]:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        best = int(expert_losses(experts, ids).argmin())
+        with torch.no_grad():
+            output = model(input_ids=ids)
+            expected = experts[best](input_ids=ids).logits
+        assert output.routing_weights[0].tolist() == [float(i == best) for i in range(3)]
+        torch.testing.assert_close(output.logits, expected)
 
 
 @pytest.mark.parametrize("mixing", ["layer", "path"])
 def test_generation_with_and_without_cache_agrees(tiny_family, tmp_path, mixing):
     domains = ["math", "code", "knowledge"]
-    _, model, tokenizer = _build(tiny_family, tmp_path, domains, mixing=mixing)
+    _, model, tokenizer = build_family(tiny_family, tmp_path, domains, mixing=mixing)
     encoded = tokenizer(TEXT, return_tensors="pt")
     settings = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
     cached = model.generate(**encoded, use_cache=True, **settings)
@@ -111,48 +139,3 @@ def test_generation_with_and_without_cache_agrees(tiny_family, tmp_path, mixing)
             logits[:, tokenizer.eos_token_id] = -float("inf")  # as min_new_tokens does
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached, ids)
-
-
-def test_save_and_load_round_trip(tiny_family, tmp_path):
-    _, model, tokenizer = _build(tiny_family, tmp_path, ["math", "code"], mixing="path")
-    model.save_pretrained(tmp_path / "saved")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
-    assert isinstance(loaded, PplRoutedForCausalLM)
-    assert loaded.config.mixing == "path" and loaded.config.expert_names == ["math", "code"]
-    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
-
-
-@pytest.mark.slow
-def test_mlflow_log_and_load_round_trip(tiny_family, tmp_path):
-    import mlflow
-    from mergeme.registry.store import log_checkpoint_model
-
-    folder, model, tokenizer = _build(tiny_family, tmp_path, ["math", "code", "knowledge"])
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = mlflow.create_experiment("ppl", artifact_location=(tmp_path / "art").as_uri())
-    with mlflow.start_run(experiment_id=experiment):
-        info = log_checkpoint_model(folder)
-    loaded = mlflow.pyfunc.load_model(info.model_uri)
-    [answer] = loaded.predict({"prompt": [TEXT]}, params={"max_new_tokens": 6})
-
-    encoded = tokenizer(TEXT, return_tensors="pt")
-    generated = model.generate(**encoded, max_new_tokens=6, do_sample=False)
-    expected = tokenizer.decode(
-        generated[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True
-    )
-    assert answer == expected
-
-
-def test_builder_refuses_experts_with_another_depth(tiny_family, tmp_path):
-    import json
-    import shutil
-
-    odd = tmp_path / "odd"
-    shutil.copytree(tiny_family.experts["math"], odd)
-    config = json.loads((odd / "config.json").read_text())
-    (odd / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    with pytest.raises(CheckpointError, match="odd: num_hidden_layers 3"):
-        build_ppl_routed([tiny_family.experts["code"], odd], tmp_path / "out", SequenceSettings())
-    assert not (tmp_path / "out").exists()

@@ -43,3 +43,42 @@ def test_bad_router_settings_are_all_reported_with_their_keys():
 def test_more_experts_per_sequence_than_experts_is_refused():
     with pytest.raises(ValidationError, match="router.sequence.top_k: 3 is more than the 2"):
         PipelineConfig.model_validate(_config({"sequence": {"top_k": 3}}))
+
+
+@pytest.mark.parametrize(
+    ("centroid", "message"),
+    [
+        ({"negative": "texts"}, "negative_texts is required when negative is 'texts'"),
+        (
+            {"negative": "other_domains", "negative_texts": {"path": "/n.jsonl"}},
+            "negative_texts is set but negative is 'other_domains'",
+        ),
+        ({"negative": "texts", "negative_texts": {}}, "Field required"),
+    ],
+)
+def test_negative_text_settings_must_fit_together(centroid, message):
+    with pytest.raises(ValidationError, match=message):
+        PipelineConfig.model_validate(_config({"centroid": centroid}))
+
+
+def test_a_negative_text_file_resolves_against_the_config_folder(tmp_path):
+    import yaml
+
+    from mergeme.config import load_config
+
+    raw = _config({"method": "centroid"})
+    raw["router"]["centroid"] = {"negative": "texts", "negative_texts": {"path": "neg.txt"}}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "pipeline.yaml")
+    assert config.router.centroid.negative_texts.path == (tmp_path / "neg.txt").resolve()
+
+
+@pytest.mark.parametrize("role", ["base", "expert"])
+def test_the_name_moe_is_reserved_for_the_merged_model(role):
+    raw = _config({})
+    if role == "base":
+        raw["base"]["name"] = "moe"
+    else:
+        raw["experts"][0]["name"] = "moe"
+    with pytest.raises(ValidationError, match="'moe' is reserved for the merged model"):
+        PipelineConfig.model_validate(raw)

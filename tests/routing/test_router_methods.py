@@ -26,7 +26,7 @@ from mergeme.routing.centroid import subtract_other_means
 from mergeme.routing.diagnostics import condition_number, warn_on_ill_conditioned
 from mergeme.routing.finetune import layer_balance_loss, load_balancing_loss
 from mergeme.routing.methods import ROUTER_METHODS
-from mergeme.routing.ppl_probe import fit_least_squares, perplexity_labels
+from mergeme.routing.ppl_probe import fit_least_squares, fit_logistic, perplexity_labels
 
 TEXTS = [
     ["Ann has 3 apples. Answer: 3", "Bo has 12 pens and buys 4. Answer: 16"],
@@ -84,16 +84,8 @@ def test_least_squares_fit_equals_lstsq_of_the_augmented_system():
     torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_probe_router_of_layer_0_fits_the_merged_models_own_hidden_states(
-    tiny_family, merged, tmp_path
-):
-    settings = RouterConfig(method="ppl_probe", probe=ProbeSettings(fit="least_squares"))
-    paths = list(tiny_family.experts.values())
-    report = calibrate_routers(merged, tmp_path / "probe", TEXTS, settings, expert_paths=paths)
-
-    # independently: labels, then layer 0's router input from post_attention_layernorm
-    texts = [text for group in TEXTS for text in group]
-    labels, _ = perplexity_labels(paths, texts, max_length=128)
+def _layer0_router_inputs(merged, texts, labels):
+    """Layer 0's router input of every token, from post_attention_layernorm, with its label."""
     model = AutoModelForCausalLM.from_pretrained(merged).eval()
     tokenizer = AutoTokenizer.from_pretrained(merged)
     rows, row_labels = [], []
@@ -106,11 +98,95 @@ def test_probe_router_of_layer_0_fits_the_merged_models_own_hidden_states(
         hook.remove()
         rows.append(captured[0][0])
         row_labels += [int(label)] * captured[0].shape[1]
-    expected = fit_least_squares(torch.cat(rows), torch.tensor(row_labels), 3, 1e-3)
+    return torch.cat(rows), torch.tensor(row_labels)
+
+
+def test_probe_router_of_layer_0_fits_the_merged_models_own_hidden_states(
+    tiny_family, merged, tmp_path
+):
+    settings = RouterConfig(method="ppl_probe", probe=ProbeSettings(fit="least_squares"))
+    paths = list(tiny_family.experts.values())
+    report = calibrate_routers(merged, tmp_path / "probe", TEXTS, settings, expert_paths=paths)
+
+    # independently: labels, then layer 0's router input from post_attention_layernorm
+    texts = [text for group in TEXTS for text in group]
+    labels, _ = perplexity_labels(paths, texts, max_length=128)
+    hidden, token_labels = _layer0_router_inputs(merged, texts, labels)
+    expected = fit_least_squares(hidden, token_labels, 3, 1e-3)
 
     with Checkpoint(tmp_path / "probe") as calibrated:
         torch.testing.assert_close(calibrated.get(ROUTER.format(0)), expected, rtol=1e-3, atol=1e-4)
     assert report.probe_label_counts == torch.bincount(labels, minlength=3).tolist()
+
+
+def test_logistic_fit_reaches_the_maximum_likelihood_found_by_lbfgs():
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 6, generator=generator)
+    truth = torch.randn(3, 6, generator=generator)
+    probabilities = torch.softmax(hidden @ truth.T, dim=-1)
+    labels = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)  # overlapping
+    settings = ProbeSettings()  # the default fit, steps and learning rate
+
+    weight = fit_logistic(hidden, labels, 3, settings.steps, settings.learning_rate)
+
+    # independently: L-BFGS in float64 on the same likelihood; rows are only defined up to a
+    # shared shift (no bias), so compare the predicted probabilities
+    solution = torch.zeros(3, 6, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS(
+        [solution], max_iter=500, tolerance_grad=1e-12, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        optimiser.zero_grad()
+        loss = torch.nn.functional.cross_entropy(hidden.double() @ solution.T, labels)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    expected = torch.softmax(hidden.double() @ solution.detach().T, dim=-1).float()
+    torch.testing.assert_close(torch.softmax(hidden @ weight.T, -1), expected, atol=1e-4, rtol=0)
+
+
+def test_default_probe_router_of_layer_0_is_the_logistic_fit_of_its_hidden_states(
+    tiny_family, merged, tmp_path
+):
+    settings = RouterConfig(method="ppl_probe")
+    assert settings.probe.fit == "logistic"  # the default is what this test covers
+    paths = list(tiny_family.experts.values())
+    calibrate_routers(merged, tmp_path / "probe", TEXTS, settings, expert_paths=paths)
+
+    texts = [text for group in TEXTS for text in group]
+    labels, _ = perplexity_labels(paths, texts, max_length=128)
+    hidden, token_labels = _layer0_router_inputs(merged, texts, labels)
+    probe = settings.probe
+    expected = fit_logistic(hidden, token_labels, 3, probe.steps, probe.learning_rate, seed=0)
+    with Checkpoint(tmp_path / "probe") as calibrated:
+        torch.testing.assert_close(calibrated.get(ROUTER.format(0)), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_finetune_starts_from_the_ppl_probe_routers(tiny_family, merged, tmp_path):
+    paths = list(tiny_family.experts.values())
+    calibrate_routers(
+        merged, tmp_path / "probe", TEXTS, RouterConfig(method="ppl_probe"), expert_paths=paths
+    )
+    calibrate_routers(merged, tmp_path / "centroid", TEXTS, RouterConfig(method="centroid"))
+    rate = 1e-3
+    finetune = FinetuneSettings(init="ppl_probe", steps=1, batch_size=2, learning_rate=rate)
+    settings = RouterConfig(method="finetune", finetune=finetune)
+    report = calibrate_routers(merged, tmp_path / "tuned", TEXTS, settings, expert_paths=paths)
+
+    # AdamW's first step moves every entry by at most the learning rate
+    assert sum(report.probe_label_counts) == 6
+    with (
+        Checkpoint(tmp_path / "tuned") as tuned,
+        Checkpoint(tmp_path / "probe") as probe,
+        Checkpoint(tmp_path / "centroid") as centroid,
+    ):
+        for layer in range(2):
+            name = ROUTER.format(layer)
+            moved = (tuned.get(name) - probe.get(name)).abs()
+            assert 0 < moved.max() <= rate * 1.001
+            assert (tuned.get(name) - centroid.get(name)).abs().max() > 10 * rate
 
 
 def test_load_balancing_loss_equals_a_hand_computation():
@@ -175,6 +251,23 @@ def test_negative_set_and_the_conditioning_warning(merged, tmp_path, caplog):
     negative = calibrate_routers(merged, tmp_path / "negative", TEXTS, settings)
     assert max(negative.max_cosine_between_rows) < max(plain.max_cosine_between_rows)
     assert len(negative.condition_numbers) == 2
+
+
+@pytest.mark.parametrize(
+    ("method", "hint"),
+    [
+        ("centroid", "router.centroid.negative"),
+        ("ppl_probe", "probe_label_counts"),
+        ("finetune", "load_balancing_coef"),
+        ("random", "router.seed"),
+    ],
+)
+def test_the_conditioning_warning_suggests_what_fits_the_method(caplog, method, hint):
+    with caplog.at_level(logging.WARNING, logger="mergeme.routing.diagnostics"):
+        warn_on_ill_conditioned([1e6], 100.0, method)
+    assert hint in caplog.text and f"{method} router" in caplog.text
+    if method != "centroid":
+        assert "centroid.negative" not in caplog.text
 
 
 def test_finetune_everything_writes_a_loadable_checkpoint(merged, tmp_path):
