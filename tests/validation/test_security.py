@@ -44,20 +44,3 @@ registry: {model_name: m}
     assert "router.max_length: Input should be a valid integer" in message
     assert "validation.allow_remote_code" in message
     assert "hf_notasecretbutlooksone" not in message
-
-
-def test_text_bounds_must_be_ordered(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(
-        """
-base: {source: {kind: local, path: base}}
-experts:
-  - {name: a, domain: x, source: {kind: local, path: a}}
-  - {name: b, domain: y, source: {kind: local, path: b}}
-data: {root: data}
-validation: {min_text_chars: 50, max_text_chars: 10}
-registry: {model_name: m}
-"""
-    )
-    with pytest.raises(ConfigError, match="min_text_chars 50 is above max_text_chars 10"):
-        load_config(bad)
