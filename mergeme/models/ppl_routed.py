@@ -150,7 +150,9 @@ class PplRoutedForCausalLM(PplRoutedPreTrainedModel, GenerationMixin):
                 f"mixing 'layer' needs experts of equal depth, got {sorted(depths)} layers; "
                 "use mixing 'path'"
             )
-        self.experts = nn.ModuleList([AutoModelForCausalLM.from_config(item) for item in dense])
+        self.experts = nn.ModuleList(
+            [AutoModelForCausalLM.from_config(item, trust_remote_code=False) for item in dense]
+        )
         self.post_init()
 
     @classmethod

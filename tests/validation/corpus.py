@@ -207,7 +207,7 @@ def pickle_only(folder: Path, _family) -> None:
 def other_vocabulary(folder: Path, family: TinyFamily) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
     model.resize_token_embeddings(model.config.vocab_size + 8)
     for file in folder.glob("*.safetensors"):
         file.unlink()
