@@ -171,7 +171,10 @@ class ValidationConfig(StrictModel):
         1.2, gt=0.0, description="Largest ‖θ_expert − θ_base‖ / ‖θ_base‖ of a fine-tune."
     )
     allow_remote_code: bool = Field(
-        False, description="Accept checkpoints whose config.json needs custom code (auto_map)."
+        False,
+        description="Accept, with a warning, checkpoints whose config files name custom code "
+        "(auto_map). mergeme never runs that code: every load passes trust_remote_code=False "
+        "and uses the built-in class of the checkpoint's model_type.",
     )
     min_text_chars: int = Field(1, ge=1, description="Shortest calibration or eval text.")
     max_text_chars: int = Field(20_000, ge=1, description="Longest calibration or eval text.")
