@@ -166,7 +166,8 @@ def validate_checkpoints(
         report.add(inventory.problems)
     try:
         base_inventory = inventories[base[0]]
-        if base_inventory.config is not None:
+        known_type = all(p.kind != "architecture_unsupported" for p in base_inventory.problems)
+        if base_inventory.config is not None and known_type:
             try:
                 architecture_for(base_inventory.config)
             except UnsupportedArchitectureError as exc:

@@ -337,7 +337,7 @@ CORPUS = [
     BrokenInput(
         "other-architecture",
         _checkpoint_case(other_architecture),
-        _kinds("architecture_mismatch"),
+        _kinds("architecture_mismatch", "architecture_unsupported"),
     ),
     BrokenInput("not-derived", _checkpoint_case(unrelated_weights), _kinds("not_derived")),
     BrokenInput("identical-experts", identical_experts, _kinds("duplicate_expert")),
