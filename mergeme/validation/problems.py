@@ -47,6 +47,8 @@ ProblemKind = Literal[
     "data_domain_mismatch",
     "data_leak",
     "data_uncommitted",
+    "data_untracked",
+    "data_lock_unusable",
     "data_suite",
 ]
 
