@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from mergeme.evaluate import load_causal_lm, score_domains
 from mergeme.fetch import fetch_checkpoint
 from mergeme.merge.moe_builder import build_moe
 from mergeme.registry.lineage import git_revision, lineage_tags
+from mergeme.registry.redact import write_redacted_yaml
 from mergeme.registry.release import register_release
 from mergeme.routing.calibrate import calibrate_routers
 from mergeme.routing.diagnostics import (
@@ -238,7 +240,32 @@ def register_step(
         git_revision(Path(config_path).resolve().parent),
         flow_run_id,
     )
-    artifacts = [Path(config_path), *map(Path, evaluation["files"])]
+    tags |= release_tags(config, calibrated, fetched, deployment_id)
+    # the config as written, minus secrets (a tracking URI may hold a password)
+    with tempfile.TemporaryDirectory(prefix="mergeme-config-") as folder:
+        config_copy = write_redacted_yaml(Path(config_path), Path(folder))
+        release = register_release(
+            workspace=workspace,
+            experiment=config.registry.experiment,
+            model_name=config.registry.model_name,
+            alias=config.registry.alias,
+            checkpoint=Path(calibrated["output"]),
+            params=release_params(config, merged),
+            metrics=evaluation["metrics"],
+            artifacts=[config_copy, *release_evidence(validation, evaluation)],
+            tags=tags,
+            run_name=f"{config.registry.model_name}-{flow_run_id or 'local'}",
+            steps=step_records(config, fetched, validation, merged, calibrated, evaluation),
+            data=release_data(config),
+        )
+    log_loss_curves(release.run_id, calibrated.get("loss_curves") or {})
+    return {**asdict(release), "tags": tags, "created": True}
+
+
+def release_evidence(validation: dict, evaluation: dict) -> list[Path]:
+    """The files and folders a release run keeps: the eval tables, and the validation tables,
+    GX results and Data Docs sites."""
+    artifacts = [*map(Path, evaluation["files"])]
     evidence = (validation["stats_csv"], validation["gx_result_json"], validation["docs_index"])
     artifacts += [Path(p) for p in evidence[:2] if p]
     if evidence[2]:
@@ -247,23 +274,7 @@ def register_step(
     artifacts += [Path(p) for p in (validation.get("data_gx_result_json"),) if p]
     if validation.get("data_docs_index"):
         artifacts.append(Path(validation["data_docs_index"]).parent)
-    tags |= release_tags(config, calibrated, fetched, deployment_id)
-    release = register_release(
-        workspace=workspace,
-        experiment=config.registry.experiment,
-        model_name=config.registry.model_name,
-        alias=config.registry.alias,
-        checkpoint=Path(calibrated["output"]),
-        params=release_params(config, merged),
-        metrics=evaluation["metrics"],
-        artifacts=artifacts,
-        tags=tags,
-        run_name=f"{config.registry.model_name}-{flow_run_id or 'local'}",
-        steps=step_records(config, fetched, validation, merged, calibrated, evaluation),
-        data=release_data(config),
-    )
-    log_loss_curves(release.run_id, calibrated.get("loss_curves") or {})
-    return {**asdict(release), "tags": tags, "created": True}
+    return artifacts
 
 
 def log_loss_curves(run_id: str, curves: dict[str, list[float]]) -> None:
