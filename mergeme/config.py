@@ -25,6 +25,9 @@ TrunkMethodName = Literal["base", "average", "task_arithmetic", "ties", "dare_li
 RouterMethodName = Literal["centroid", "random", "ppl_probe", "finetune", "ppl_sequence"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
 SharedExpertMode = Literal["zero", "base_ffn"]
+# the float safetensors dtypes the merge can read (integer and 8-bit float weights cannot be
+# averaged without their quantisation scales)
+WeightDType = Literal["F64", "F32", "BF16", "F16"]
 
 
 class StrictModel(BaseModel):
@@ -164,8 +167,17 @@ class DataConfig(StrictModel):
 class ValidationConfig(StrictModel):
     """Limits and permissions of the validate step."""
 
-    allowed_dtypes: list[Literal["F32", "BF16", "F16"]] = Field(
-        ["F32", "BF16", "F16"], min_length=1, description="Safetensors dtypes a weight may have."
+    allowed_dtypes: list[WeightDType] = Field(
+        ["F32", "BF16", "F16"],
+        min_length=1,
+        description="Safetensors dtypes a weight may have (merge arithmetic runs in float32).",
+    )
+    max_abs_value: float = Field(
+        1e4,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Largest |weight| accepted; larger ones suggest diverged training or a broken "
+        "conversion.",
     )
     max_relative_task_vector: float = Field(
         1.2, gt=0.0, description="Largest ‖θ_expert − θ_base‖ / ‖θ_base‖ of a fine-tune."

@@ -78,6 +78,7 @@ def run_validation(
         allow_pickle=allow_pickle,
         allow_remote_code=settings.allow_remote_code,
         content_hashes=hashes,
+        max_abs_value=settings.max_abs_value,
     )
     if config is not None:
         validate_data(config, report, report_dir)

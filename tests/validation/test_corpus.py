@@ -6,6 +6,7 @@ in tests/pipeline/test_flow_validation.py."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -63,3 +64,23 @@ def test_validate_step_stops_and_keeps_a_failed_run(case, tiny_family, dvc_proje
     assert set(run.data.tags["mergeme.validation.kinds"].split(",")) == case.kinds
     logged = {item.path for item in client.list_artifacts(run.info.run_id, "validation")}
     assert "validation/validation_report.json" in logged
+
+
+def test_mergeme_validate_accepts_good_inputs_and_gives_each_run_its_own_folder(
+    tiny_family, dvc_project, tmp_path
+):
+    from mergeme.workspace import workspace_root
+    from tests.conftest import write_pipeline_config
+
+    config = write_pipeline_config(tmp_path, tiny_family, dvc_project)
+    runs = workspace_root(None) / "validation"  # the session's workspace
+    before = set(runs.iterdir()) if runs.is_dir() else set()
+    reports = []
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["validate", "-c", str(config)])
+        assert result.exit_code == 0, result.output
+        reports.append(Path(result.output.split("report in ")[-1].strip()))
+
+    assert set(runs.iterdir()) - before == {path.parent for path in reports}
+    assert reports[0].parent != reports[1].parent
+    assert all(path.is_file() for path in reports)
