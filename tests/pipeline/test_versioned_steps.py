@@ -17,13 +17,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def project(prefect_harness, tiny_family, dvc_project, tmp_path_factory):
-    """A config over copies of the data and of one expert, so the test can change them."""
+    """A config over copies of the DVC project and of one expert, so the test can change them
+    (edited data differs from the copied dvc.lock: the config accepts that)."""
     folder = tmp_path_factory.mktemp("versioned")
-    shutil.copytree(dvc_project / "data" / "demo", folder / "data")
+    shutil.copytree(dvc_project, folder, dirs_exist_ok=True)
     shutil.copytree(tiny_family.experts["code"], folder / "code-expert")
-    config_path = write_pipeline_config(folder, tiny_family, dvc_project)
+    config_path = write_pipeline_config(folder, tiny_family, folder)
     config = yaml.safe_load(config_path.read_text())
-    config["data"]["root"] = str(folder / "data")
+    config["data"]["allow_uncommitted"] = True
     config["experts"][1]["source"]["path"] = str(folder / "code-expert")
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     first, states = run_pipeline(config_path, folder / "workspace")
@@ -48,7 +49,7 @@ def test_unchanged_rerun_reuses_every_step_and_registers_nothing(project):
 
 def test_new_calibration_data_reruns_validate_calibrate_evaluate_register_only(project):
     folder, config_path, first, _ = project
-    calibration = folder / "data" / "math" / "calibration.jsonl"
+    calibration = folder / "data" / "demo" / "math" / "calibration.jsonl"
     lines = calibration.read_text().splitlines()
     calibration.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same texts, new order
 
