@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -91,7 +93,9 @@ def validate(config: ConfigOption, workspace: WorkspaceOption = None) -> None:
         settings = load_config(config)
         connect(settings.registry.tracking_uri, root)
         fetched = fetch_step(settings, root)
-        report = validate_step(fetched, root / "validation", settings)
+        # a folder of its own per run: no GX result or Data Docs page of an earlier run mixes in
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        report = validate_step(fetched, root / "validation" / stamp, settings)
     except MergemeError as error:
         _fail(error)
     typer.echo(f"valid: {len(fetched)} checkpoints; report in {report['stats_csv']}")

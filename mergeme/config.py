@@ -1,7 +1,8 @@
 """The pipeline configuration: a typed schema, validated as a whole.
 
 Every mode is a ``Literal``; unknown keys are refused; all errors are reported at once, each
-naming its key. Relative paths resolve against the folder of the config file.
+naming its key and the fix, cross-field ones included (``mergeme.config_checks``). Relative
+paths resolve against the folder of the config file.
 """
 
 from __future__ import annotations
@@ -19,12 +20,21 @@ from pydantic import (
     model_validator,
 )
 
+from mergeme.config_checks import (
+    cross_field_issues,
+    describe_errors,
+    raise_issues,
+    text_bounds_issues,
+)
 from mergeme.errors import ConfigError
 
 TrunkMethodName = Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 RouterMethodName = Literal["centroid", "random", "ppl_probe", "finetune", "ppl_sequence"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
 SharedExpertMode = Literal["zero", "base_ffn"]
+# the float safetensors dtypes the merge can read (integer and 8-bit float weights cannot be
+# averaged without their quantisation scales)
+WeightDType = Literal["F64", "F32", "BF16", "F16"]
 
 
 class StrictModel(BaseModel):
@@ -215,25 +225,33 @@ class DataConfig(StrictModel):
 class ValidationConfig(StrictModel):
     """Limits and permissions of the validate step."""
 
-    allowed_dtypes: list[Literal["F32", "BF16", "F16"]] = Field(
-        ["F32", "BF16", "F16"], min_length=1, description="Safetensors dtypes a weight may have."
+    allowed_dtypes: list[WeightDType] = Field(
+        ["F32", "BF16", "F16"],
+        min_length=1,
+        description="Safetensors dtypes a weight may have (merge arithmetic runs in float32).",
+    )
+    max_abs_value: float = Field(
+        1e4,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Largest |weight| accepted; larger ones suggest diverged training or a broken "
+        "conversion.",
     )
     max_relative_task_vector: float = Field(
         1.2, gt=0.0, description="Largest ‖θ_expert − θ_base‖ / ‖θ_base‖ of a fine-tune."
     )
     allow_remote_code: bool = Field(
-        False, description="Accept checkpoints whose config.json needs custom code (auto_map)."
+        False,
+        description="Accept, with a warning, checkpoints whose config files name custom code "
+        "(auto_map). mergeme never runs that code: every load passes trust_remote_code=False "
+        "and uses the built-in class of the checkpoint's model_type.",
     )
     min_text_chars: int = Field(1, ge=1, description="Shortest calibration or eval text.")
     max_text_chars: int = Field(20_000, ge=1, description="Longest calibration or eval text.")
 
     @model_validator(mode="after")
     def _check_bounds(self) -> ValidationConfig:
-        if self.min_text_chars > self.max_text_chars:
-            raise ValueError(
-                f"validation.min_text_chars {self.min_text_chars} is above max_text_chars "
-                f"{self.max_text_chars}; lower min_text_chars or raise max_text_chars"
-            )
+        raise_issues(text_bounds_issues(self.min_text_chars, self.max_text_chars))
         return self
 
 
@@ -267,28 +285,8 @@ class PipelineConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> PipelineConfig:
-        problems = []
-        names = [expert.name for expert in self.experts]
-        if len(set(names)) != len(names):
-            problems.append(f"experts: names must be unique, got {names}")
-        weights = self.merge.expert_weights
-        if weights is not None and len(weights) != len(self.experts):
-            problems.append(
-                f"merge.expert_weights: {len(weights)} weights for {len(self.experts)} experts; "
-                "give one weight per expert or remove the key"
-            )
-        if self.merge.experts_per_token > len(self.experts):
-            problems.append(
-                f"merge.experts_per_token: {self.merge.experts_per_token} is more than the "
-                f"{len(self.experts)} experts; set it to at most {len(self.experts)}"
-            )
-        if self.router.sequence.top_k > len(self.experts):
-            problems.append(
-                f"router.sequence.top_k: {self.router.sequence.top_k} is more than the "
-                f"{len(self.experts)} experts; set it to at most {len(self.experts)}"
-            )
-        if problems:
-            raise ValueError("; ".join(problems))
+        # the same checks run on the raw YAML in load_config, where fields may be invalid
+        raise_issues(cross_field_issues(PipelineConfig, self.model_dump()))
         return self
 
     def domains(self) -> list[str]:
@@ -312,33 +310,14 @@ def _resolve_paths(raw: object, root: Path, key: str = "") -> object:
     return raw
 
 
-# what to write instead, for the common wrong-type errors (the value itself is not echoed:
-# it may be a secret)
-TYPE_FIXES = {
-    "int_parsing": "write a whole number",
-    "int_from_float": "write a whole number",
-    "float_parsing": "write a number",
-    "bool_parsing": "write true or false",
-    "string_type": "write a quoted string",
-    "list_type": "write a list ([a, b])",
-    "model_type": "write a mapping of keys",
-    "dict_type": "write a mapping of keys",
-}
-
-
-def format_validation_error(error: ValidationError, origin: str) -> str:
-    lines = [f"{origin}: {error.error_count()} problem(s) in the configuration:"]
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
-        if item["type"] == "extra_forbidden":
-            message = "unknown key; remove it or check its spelling"
-        elif item["type"] == "missing":
-            message = "required key is missing; add it"
-        elif item["type"] in TYPE_FIXES:
-            message = f"{message}; {TYPE_FIXES[item['type']]}"
-        lines.append(f"  - {key}: {message}")
-    return "\n".join(lines)
+def format_validation_error(
+    error: ValidationError, origin: str, root_model: type[BaseModel] | None = None, raw=None
+) -> str:
+    """All problems of ``error`` in one message, one ``key: problem; fix`` line each (with
+    ``root_model`` and ``raw``, cross-field problems too; see ``mergeme.config_checks``)."""
+    lines = describe_errors(error, root_model, raw)
+    header = f"{origin}: {len(lines)} problem(s) in the configuration:"
+    return "\n".join([header, *(f"  - {line}" for line in lines)])
 
 
 def load_config(path: str | Path, base_dir: Path | None = None) -> PipelineConfig:
@@ -362,7 +341,9 @@ def load_config(path: str | Path, base_dir: Path | None = None) -> PipelineConfi
     if base_dir is None:
         folder = path.resolve().parent
         base_dir = folder.parent if folder.name == "configs" else folder
+    resolved = _resolve_paths(raw, base_dir)
     try:
-        return PipelineConfig.model_validate(_resolve_paths(raw, base_dir))
+        return PipelineConfig.model_validate(resolved)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from exc
+        message = format_validation_error(exc, str(path), PipelineConfig, resolved)
+        raise ConfigError(message) from exc

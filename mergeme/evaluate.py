@@ -28,8 +28,10 @@ def load_causal_lm(path: Path):
 
     import mergeme.models  # noqa: F401  (registers mergeme's own model classes)
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=False
+    ).eval()
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def score_domains(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from mergeme.fetch import fetch_checkpoint
 from mergeme.file_hashes import FileHashCache
 from mergeme.merge.moe_builder import build_moe
 from mergeme.registry.lineage import lineage_tags, package_revision
+from mergeme.registry.redact import write_redacted_yaml
 from mergeme.registry.release import register_release
 from mergeme.routing.calibrate import calibrate_routers
 from mergeme.routing.diagnostics import (
@@ -246,10 +248,10 @@ def register_step(
     return {**asdict(release), "tags": tags, "created": True}
 
 
-def _evidence_files(config_path: Path, validation: dict, evaluation: dict) -> list[Path]:
-    """The files and folders logged as run artifacts: the config, the eval tables, the
-    validation evidence and both Data Docs sites."""
-    artifacts = [Path(config_path), *map(Path, evaluation["files"])]
+def _evidence_files(validation: dict, evaluation: dict) -> list[Path]:
+    """The files and folders logged as run artifacts besides the config: the eval tables,
+    the validation evidence and both Data Docs sites."""
+    artifacts = [*map(Path, evaluation["files"])]
     evidence = (validation["stats_csv"], validation["gx_result_json"], validation["docs_index"])
     artifacts += [Path(p) for p in evidence[:2] if p]
     if evidence[2]:
@@ -282,22 +284,25 @@ def _register_new(
     tags |= release_tags(config, calibrated, fetched, deployment_id)
     tags["mergeme.data_uncommitted"] = str(uncommitted).lower()
     curves = calibrated.get("loss_curves") or {}
-    release = register_release(
-        workspace=workspace,
-        experiment=config.registry.experiment,
-        model_name=config.registry.model_name,
-        alias=config.registry.alias,
-        checkpoint=Path(calibrated["output"]),
-        params=release_params(config, merged),
-        metrics=evaluation["metrics"],
-        artifacts=_evidence_files(config_path, validation, evaluation),
-        tags=tags,
-        run_name=f"{config.registry.model_name}-{flow_run_id or 'local'}",
-        steps=step_records(config, fetched, validation, merged, calibrated, evaluation),
-        data=release_data(config, dvc_md5, uncommitted),
-        # in the run before the version exists, so a registered release is never missing them
-        log_more=lambda run_id: log_loss_curves(run_id, curves),
-    )
+    # the config as written, minus secrets (a tracking URI may hold a password)
+    with tempfile.TemporaryDirectory(prefix="mergeme-config-") as folder:
+        config_copy = write_redacted_yaml(Path(config_path), Path(folder))
+        release = register_release(
+            workspace=workspace,
+            experiment=config.registry.experiment,
+            model_name=config.registry.model_name,
+            alias=config.registry.alias,
+            checkpoint=Path(calibrated["output"]),
+            params=release_params(config, merged),
+            metrics=evaluation["metrics"],
+            artifacts=[config_copy, *_evidence_files(validation, evaluation)],
+            tags=tags,
+            run_name=f"{config.registry.model_name}-{flow_run_id or 'local'}",
+            steps=step_records(config, fetched, validation, merged, calibrated, evaluation),
+            data=release_data(config, dvc_md5, uncommitted),
+            # in the run before the version exists, so a registered release never lacks them
+            log_more=lambda run_id: log_loss_curves(run_id, curves),
+        )
     return release, tags
 
 

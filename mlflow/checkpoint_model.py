@@ -50,8 +50,10 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
 
         folder = context.artifacts["checkpoint"]
         _register_model_type(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, trust_remote_code=False
+        ).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         import torch

@@ -175,7 +175,10 @@ class PplRoutedForCausalLM(PplRoutedPreTrainedModel, GenerationMixin):
         # model is being built in instead (from_pretrained(dtype=...) sets it as the default)
         dtype = torch.get_default_dtype()
         self.experts = nn.ModuleList(
-            [AutoModelForCausalLM.from_config(item, dtype=dtype) for item in dense]
+            [
+                AutoModelForCausalLM.from_config(item, dtype=dtype, trust_remote_code=False)
+                for item in dense
+            ]
         )
         self.post_init()
 

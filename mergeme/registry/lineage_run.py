@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mergeme.config import PipelineConfig
 from mergeme.data import split_path
+from mergeme.registry.redact import redact_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +96,11 @@ def log_step_runs(records: dict[str, StepRecord], parent_run_id: str) -> dict[st
         with mlflow.start_run(
             experiment_id=experiment_id, run_name=step, nested=True, parent_run_id=parent_run_id
         ) as run:
-            mlflow.log_params(record.params)
+            # a fetch record holds each source, which may carry a token
+            mlflow.log_params(redact_mapping(record.params))
             if record.metrics:
                 mlflow.log_metrics(record.metrics)
-            mlflow.set_tags({"mergeme.step": step, **record.tags})
+            mlflow.set_tags(redact_mapping({"mergeme.step": step, **record.tags}))
             run_ids[step] = run.info.run_id
     return run_ids
 

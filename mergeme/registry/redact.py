@@ -2,13 +2,17 @@
 
 A value is hidden when its key names a secret (``hf_token``, ``password``, ``api_key``, ...),
 when it contains a known token format (Hugging Face, GitHub, AWS access key) or the value of a
-secret environment variable, and a URI's ``user:password@`` keeps only the user.
+secret environment variable, and a URI's ``user:password@`` keeps only the user. Nested data
+(a YAML config) is redacted the same way, key by key.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
+
+import yaml
 
 REDACTED = "***"
 SECRET_WORDS = frozenset(
@@ -63,3 +67,25 @@ def redact_mapping(values: dict[str, object]) -> dict[str, str]:
         else redact_text(str(value))
         for key, value in values.items()
     }
+
+
+def redact_tree(value: object, key: str = "") -> object:
+    """Nested dicts and lists with every secret hidden; ``key`` is the dotted key of ``value``.
+    Keys and non-secret values keep their types."""
+    if isinstance(value, dict):
+        return {k: redact_tree(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_tree(item, key) for item in value]
+    if is_secret_key(key) and value not in (None, ""):
+        return REDACTED
+    return redact_text(value) if isinstance(value, str) else value
+
+
+def write_redacted_yaml(source: Path, folder: Path) -> Path:
+    """Write the YAML file ``source`` with every secret hidden into ``folder`` under the same
+    name, as readable YAML (key order kept; comments dropped, since they may hold secrets too).
+    Returns the new file."""
+    raw = yaml.safe_load(Path(source).read_text())
+    target = Path(folder) / Path(source).name
+    target.write_text(yaml.safe_dump(redact_tree(raw), sort_keys=False, allow_unicode=True))
+    return target

@@ -163,8 +163,10 @@ def _calibrate_moe(
     # the model is only needed when hidden states or gradients are involved
     model = tokenizer = None
     if settings.method != "random":
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch.float32, trust_remote_code=False
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False)
     if model is None:
         routers, counts = _random_routers(source, names, settings.seed), []
     else:

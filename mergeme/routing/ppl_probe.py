@@ -47,8 +47,10 @@ def perplexity_labels(
 
     columns = []
     for path in expert_paths:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=False
+        ).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         batches = list(iter_batches(tokenizer, texts, max_length, batch_size))
         columns.append(sequence_losses(model, batches))
         del model

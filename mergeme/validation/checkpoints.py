@@ -20,6 +20,7 @@ from mergeme.errors import CheckpointError, MergemeError, UnsupportedArchitectur
 from mergeme.merge.families import architecture_for
 from mergeme.validation import compatibility as compat
 from mergeme.validation.files import CheckpointInventory, inspect_checkpoint
+from mergeme.validation.gx_suite import DEFAULT_MAX_ABS_VALUE
 from mergeme.validation.problems import Problem
 from mergeme.validation.shapes import shape_problems
 
@@ -107,7 +108,11 @@ def _open_readable(
 
 
 def _stats_evidence(
-    opened: dict[str, Checkpoint], report: ValidationReport, report_dir: Path, dtypes: list[str]
+    opened: dict[str, Checkpoint],
+    report: ValidationReport,
+    report_dir: Path,
+    dtypes: list[str],
+    max_abs_value: float,
 ) -> None:
     from mergeme.validation.gx_suite import validate_tensor_stats
     from mergeme.validation.tensor_stats import tensor_stats_table
@@ -119,7 +124,7 @@ def _stats_evidence(
     report.stats_csv = str(report_dir / "tensor_stats.csv")
     stats.to_csv(report.stats_csv, index=False)
     gx_report = validate_tensor_stats(
-        stats, allowed_dtypes=dtypes, docs_dir=report_dir / "data_docs"
+        stats, allowed_dtypes=dtypes, max_abs_limit=max_abs_value, docs_dir=report_dir / "data_docs"
     )
     report.add([Problem(_suite_kind(m), m) for m in gx_report.failures])  # type: ignore[arg-type]
     report.gx_result_json = str(report_dir / "gx_tensor_stats.json")
@@ -137,6 +142,7 @@ def validate_checkpoints(
     allow_pickle: bool = False,
     allow_remote_code: bool = False,
     content_hashes: dict[str, str] | None = None,
+    max_abs_value: float = DEFAULT_MAX_ABS_VALUE,
 ) -> ValidationReport:
     """Check ``base`` and ``experts``; write the statistics table, GX result and Data Docs
     into ``report_dir``.
@@ -166,7 +172,8 @@ def validate_checkpoints(
         report.add(inventory.problems)
     try:
         base_inventory = inventories[base[0]]
-        if base_inventory.config is not None:
+        known_type = all(p.kind != "architecture_unsupported" for p in base_inventory.problems)
+        if base_inventory.config is not None and known_type:
             try:
                 architecture_for(base_inventory.config)
             except UnsupportedArchitectureError as exc:
@@ -182,7 +189,8 @@ def validate_checkpoints(
             name: hash_weight_files(inventories[name].path) for name in experts if name in opened
         }
         report.add(compat.duplicate_problems({n: hashes[n] for n in experts if n in hashes}))
-        _stats_evidence(opened, report, report_dir, allowed_dtypes or ALLOWED_DTYPES)
+        dtypes = allowed_dtypes or ALLOWED_DTYPES
+        _stats_evidence(opened, report, report_dir, dtypes, max_abs_value)
     finally:
         for checkpoint in opened.values():
             checkpoint.close()

@@ -1,9 +1,16 @@
 """The calibration and eval files, one row per line, validated by a Great Expectations suite.
 
 Files are read as raw bytes, line by line, so a line that is not UTF-8 is named with its file
-and line number instead of failing the whole read. Each line becomes a row of a table (file,
-line, fields, domain, text, its length, whether it decoded, whether an eval text also occurs
-in calibration) that the suite ``mergeme_data`` checks.
+and line number instead of failing the whole read. A line that is not a JSON object, or whose
+``domain`` or ``text`` is neither a string nor null, is a problem of its own and no row. Every
+other line becomes a row of a table (file, line, fields, domain, text, its length, whether it
+decoded, whether its label is its folder's domain, whether an eval text also occurs in
+calibration) that the suite ``mergeme_data`` checks.
+
+The layout is ``<root>/<domain>/<split>.jsonl``: a row labelled with another expert's domain
+than its folder's is refused. An eval text leaks when it equals a calibration text after
+whitespace is normalised (leading and trailing whitespace dropped, every run of whitespace
+made one space); case and punctuation still count.
 """
 
 from __future__ import annotations
@@ -39,12 +46,38 @@ class DataSettings:
     max_text_chars: int = 20_000
 
 
+# JSON's names for the Python types json.loads returns
+JSON_TYPES = {dict: "an object", list: "an array", bool: "a boolean", int: "a number"}
+JSON_TYPES[float] = "a number"
+STRING_FIELDS = ("domain", "text")
+
+
 @dataclass(frozen=True)
 class _RowCheck:
     kind: str
     column: str
     expected: str
     fix: str
+
+
+def normalise_whitespace(text: str) -> str:
+    """``text`` stripped, with every run of whitespace (spaces, tabs, newlines) one space."""
+    return " ".join(text.split())
+
+
+def _non_string_problem(path: Path, number: int, record: dict) -> Problem | None:
+    """A ``data_not_string`` problem when ``domain`` or ``text`` holds a non-string value."""
+    for name in STRING_FIELDS:
+        value = record.get(name)
+        if value is not None and not isinstance(value, str):
+            found = JSON_TYPES.get(type(value), type(value).__name__)
+            return Problem(
+                "data_not_string",
+                f"{path} line {number}: field {name!r} is {found}, not a string; each line "
+                'must be {"domain": "<label>", "text": "<text>"}: fix or regenerate the file '
+                "(`dvc repro data`)",
+            )
+    return None
 
 
 def _read_lines(path: Path, split: str, folder_domain: str) -> tuple[list[dict], list[Problem]]:
@@ -70,6 +103,10 @@ def _read_lines(path: Path, split: str, folder_domain: str) -> tuple[list[dict],
                 )
             )
             continue
+        wrong_type = _non_string_problem(path, number, record)
+        if wrong_type is not None:
+            problems.append(wrong_type)
+            continue
         text = record.get("text")
         rows.append(
             {
@@ -91,7 +128,8 @@ def build_data_table(settings: DataSettings) -> tuple[pd.DataFrame, list[Problem
     """One row per non-blank line of every configured domain's calibration and eval file.
 
     Returns:
-        The table and the problems found while reading (missing, empty or non-JSON lines).
+        The table and the problems found while reading (missing or empty files, lines that are
+        not JSON objects or hold a non-string domain or text).
     """
     rows, problems = [], []
     for split in (settings.calibration_split, settings.eval_split):
@@ -122,8 +160,13 @@ def build_data_table(settings: DataSettings) -> tuple[pd.DataFrame, list[Problem
         columns=["split", "file", "line", "folder_domain", "fields", "domain", "text"]
         + ["text_chars", "utf8_valid"],
     )
-    calibration = set(table.loc[table["split"] == settings.calibration_split, "text"].dropna())
-    table["leaked"] = (table["split"] == settings.eval_split) & table["text"].isin(calibration)
+    # a label that is no expert's domain is reported as unknown, not also as misplaced
+    known = table["domain"].isin(settings.domains)
+    table["in_own_folder"] = ~known | (table["domain"] == table["folder_domain"])
+    normalised = table["text"].map(lambda t: normalise_whitespace(t) if isinstance(t, str) else t)
+    is_calibration = table["split"] == settings.calibration_split
+    calibration = set(normalised[is_calibration].dropna())
+    table["leaked"] = (table["split"] == settings.eval_split) & normalised.isin(calibration)
     return table, problems
 
 
@@ -141,16 +184,28 @@ def _checks(settings: DataSettings) -> dict[str, _RowCheck]:
             f"{settings.min_text_chars} to {settings.max_text_chars} characters",
             "shorten the text or change validation.min_text_chars / max_text_chars",
         ),
+        "domain_present": _RowCheck(
+            "data_unknown_domain",
+            "domain",
+            f"a domain label, one of the experts' domains {settings.domains}",
+            "label the row with its folder's domain",
+        ),
         "domain": _RowCheck(
             "data_unknown_domain",
             "domain",
             f"one of the experts' domains {settings.domains}",
             "fix the label or configure an expert for that domain",
         ),
+        "folder": _RowCheck(
+            "data_domain_mismatch",
+            "domain",
+            "the domain of its folder, <root>/<domain>/<split>.jsonl",
+            "move the row to its domain's file or fix its label",
+        ),
         "leak": _RowCheck(
             "data_leak",
             "leaked",
-            "an eval text that is not also in calibration",
+            "an eval text that is not also in calibration (compared with whitespace normalised)",
             "remove it from one of the splits (eval must stay unseen)",
         ),
     }
@@ -170,7 +225,10 @@ def _build_suite(settings: DataSettings) -> Any:
             min_value=settings.min_text_chars,
             max_value=settings.max_text_chars,
         ),
+        # in-set expectations skip nulls: a null label needs its own check
+        "domain_present": gxe.ExpectColumnValuesToNotBeNull(column="domain"),
         "domain": gxe.ExpectColumnValuesToBeInSet(column="domain", value_set=settings.domains),
+        "folder": gxe.ExpectColumnValuesToBeInSet(column="in_own_folder", value_set=[True]),
         "leak": gxe.ExpectColumnValuesToBeInSet(column="leaked", value_set=[False]),
     }
     suite = gx.ExpectationSuite(name=DATA_SUITE_NAME)
@@ -187,10 +245,13 @@ def _row_problems(table: pd.DataFrame, indexes: list[int], check: _RowCheck) -> 
         if check.kind == "data_length" and row["text_chars"] == 0:
             continue  # already reported as an empty text
         value = row[check.column]
-        shown = f"{value!r}" if not isinstance(value, str) else repr(value[:60])
+        shown = repr(value[:60]) if isinstance(value, str) else "null" if pd.isna(value) else value
+        expected = check.expected
+        if check.kind == "data_domain_mismatch":
+            expected = f"{row['folder_domain']!r}, {expected}"
         message = (
             f"{row['file']} line {row['line']}: {check.column} is {shown} (expected "
-            f"{check.expected}); {check.fix}"
+            f"{expected}); {check.fix}"
         )
         problems.append(Problem(check.kind, message))  # type: ignore[arg-type]
     return problems

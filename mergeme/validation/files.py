@@ -201,14 +201,47 @@ def read_checkpoint_config(inventory: CheckpointInventory, allow_remote_code: bo
         )
         return
     inventory.config = config
-    if config.get("auto_map") and not allow_remote_code:
+    remote_code_problems(inventory, allow_remote_code)
+
+
+def _remote_code_message(label: str, file: Path, auto_map: object, model_type: object) -> str:
+    named = sorted(auto_map) if isinstance(auto_map, dict) else auto_map
+    return (
+        f"{label}: {file} has auto_map {named}, which names Python code shipped with the "
+        "checkpoint. mergeme never runs such code (every load passes trust_remote_code=False), "
+        f"so the built-in class of model_type {model_type!r} would be used instead and may not "
+        "match the weights"
+    )
+
+
+def remote_code_problems(inventory: CheckpointInventory, allow_remote_code: bool) -> None:
+    """A ``remote_code`` problem per config file of the folder (``config.json``,
+    ``tokenizer_config.json``, ``generation_config.json``, ...) that has an ``auto_map``; with
+    ``allow_remote_code`` a WARNING instead. An unparseable one is ``config_unparseable``."""
+    label = f"{inventory.name!r}"
+    model_type = (inventory.config or {}).get("model_type")
+    for file in sorted(inventory.path.glob("*config*.json")):
+        if file.name == "config.json":
+            settings: object = inventory.config
+        else:
+            try:
+                settings = json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                message = f"{label}: {file} is not valid JSON ({exc}); restore it from the source"
+                inventory.problems.append(Problem("config_unparseable", message))
+                continue
+        if not isinstance(settings, dict) or not settings.get("auto_map"):
+            continue
+        message = _remote_code_message(label, file, settings["auto_map"], model_type)
+        if allow_remote_code:
+            logger.warning("%s; accepted by validation.allow_remote_code", message)
+            continue
         inventory.problems.append(
             Problem(
                 "remote_code",
-                f"{label}: {config_path} has auto_map {sorted(config['auto_map'])}, so loading "
-                "it would run Python code shipped with the checkpoint; mergeme never runs it. "
-                "Use a checkpoint of a built-in architecture, or set "
-                "validation.allow_remote_code: true if you trust that code",
+                f"{message}. Use a checkpoint of a built-in architecture, or set "
+                "validation.allow_remote_code: true to accept it with a warning (the code is "
+                "still never run)",
             )
         )
 

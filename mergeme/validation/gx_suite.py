@@ -27,6 +27,8 @@ DOCS_SITE_NAME = "mergeme_tensor_stats_docs"
 # every expectation carries its check name in its meta, to find its result again: GX returns
 # results in its own order, not the suite's
 CHECK_KEY = "mergeme_check"
+# the default of validation.max_abs_value
+DEFAULT_MAX_ABS_VALUE = 1e4
 
 
 @dataclass
@@ -64,13 +66,14 @@ def _row_checks(allowed_dtypes: list[str], max_abs_limit: float) -> dict[str, _R
         "dtype": _RowCheck(
             "dtype",
             f"one of {allowed_dtypes}",
-            "cast the checkpoint to an allowed dtype, or add this dtype to allowed_dtypes",
+            f"cast the checkpoint to one of {allowed_dtypes}; F64, F32, BF16 and F16 can also "
+            "be listed in validation.allowed_dtypes, other dtypes cannot be merged",
         ),
         "max_abs": _RowCheck(
             "max_abs",
             f"at most {max_abs_limit:g}",
-            "look for diverged training or a broken conversion, or raise max_abs_limit if such "
-            "weights are intended",
+            "look for diverged training or a broken conversion, or raise "
+            "validation.max_abs_value if such weights are intended",
         ),
         "std": _RowCheck(
             "std", "at least 0", "the table is corrupt; rebuild it with tensor_stats_table"
@@ -173,7 +176,7 @@ def validate_tensor_stats(
     df: pd.DataFrame,
     *,
     allowed_dtypes: list[str],
-    max_abs_limit: float = 1e4,
+    max_abs_limit: float = DEFAULT_MAX_ABS_VALUE,
     docs_dir: Path | None = None,
 ) -> TensorStatsReport:
     """Validate a table from ``tensor_stats_table`` (one or more experts) with the suite.
@@ -185,7 +188,8 @@ def validate_tensor_stats(
     Args:
         df: the statistics table; its index is ignored (rows are reported by expert and tensor).
         allowed_dtypes: safetensors dtype codes a checkpoint may use, such as ``["BF16"]``.
-        max_abs_limit: the largest absolute weight value accepted.
+        max_abs_limit: the largest absolute weight value accepted (the config's
+            ``validation.max_abs_value``).
         docs_dir: when given, Data Docs HTML is written there (and nowhere else).
 
     Returns:

@@ -39,12 +39,16 @@ ProblemKind = Literal[
     "data_empty",
     "data_not_utf8",
     "data_not_json",
+    "data_not_string",
     "data_columns",
     "data_text_empty",
     "data_length",
     "data_unknown_domain",
+    "data_domain_mismatch",
     "data_leak",
     "data_uncommitted",
+    "data_untracked",
+    "data_lock_unusable",
     "data_suite",
 ]
 

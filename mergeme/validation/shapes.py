@@ -1,60 +1,142 @@
 """The tensor shapes a dense decoder's ``config.json`` implies, compared with its weight files.
 
-Shapes come from the safetensors headers (metadata only). Only families whose layout mergeme
-knows are checked (Llama and Mistral); for any other ``model_type`` the architecture check
-already refuses the checkpoint.
+Shapes come from the safetensors headers (metadata only). Every dense family mergeme can merge
+is checked: Llama (optional attention and MLP biases), Mistral, Qwen2 (biases on q, k and v)
+and Qwen3 (per-head q and k norms, optional attention biases); tied embeddings leave out
+``lm_head.weight``. A checkpoint of any other ``model_type`` is refused, naming these.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from mergeme.validation.files import CheckpointInventory
 from mergeme.validation.problems import Problem
 
-SHAPE_CHECKED_TYPES = ("llama", "mistral")
 LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+Shapes = dict[str, tuple[int, ...]]
 
 
-def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """``{tensor name: shape}`` of every weight a Llama-layout decoder with ``config`` has.
+@dataclass(frozen=True)
+class _Sizes:
+    hidden: int
+    inner: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def _projection_biases(prefix: str, size: _Sizes, names: tuple[str, ...]) -> Shapes:
+    # q: [heads × head_dim]; k, v: [kv_heads × head_dim]; o: [hidden]
+    widths = {
+        "q_proj": size.heads * size.head_dim,
+        "k_proj": size.kv_heads * size.head_dim,
+        "v_proj": size.kv_heads * size.head_dim,
+        "o_proj": size.hidden,
+    }
+    return {f"{prefix}.self_attn.{name}.bias": (widths[name],) for name in names}
+
+
+def _llama_extras(config: dict, prefix: str, size: _Sizes) -> Shapes:
+    extras = {}
+    if config.get("attention_bias"):
+        extras |= _projection_biases(prefix, size, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if config.get("mlp_bias"):
+        mlp = {"gate_proj": size.inner, "up_proj": size.inner, "down_proj": size.hidden}
+        extras |= {f"{prefix}.mlp.{name}.bias": (width,) for name, width in mlp.items()}
+    return extras
+
+
+def _qwen2_extras(config: dict, prefix: str, size: _Sizes) -> Shapes:
+    return _projection_biases(prefix, size, ("q_proj", "k_proj", "v_proj"))
+
+
+def _qwen3_extras(config: dict, prefix: str, size: _Sizes) -> Shapes:
+    # RMS norms over each head's vector, before rotary embedding: [head_dim]
+    extras = {
+        f"{prefix}.self_attn.q_norm.weight": (size.head_dim,),
+        f"{prefix}.self_attn.k_norm.weight": (size.head_dim,),
+    }
+    if config.get("attention_bias"):
+        extras |= _projection_biases(prefix, size, ("q_proj", "k_proj", "v_proj", "o_proj"))
+    return extras
+
+
+# model_type -> the per-layer tensors it adds to the shared decoder layout
+LAYER_EXTRAS: dict[str, Callable[[dict, str, _Sizes], Shapes]] = {
+    "llama": _llama_extras,
+    "mistral": lambda config, prefix, size: {},
+    "qwen2": _qwen2_extras,
+    "qwen3": _qwen3_extras,
+}
+SHAPE_CHECKED_TYPES = tuple(LAYER_EXTRAS)
+
+
+def expected_shapes(config: dict) -> Shapes:
+    """``{tensor name: shape}`` of every weight a dense decoder with ``config`` has.
 
     Raises:
-        KeyError: a size key (vocab_size, hidden_size, ...) is missing from ``config``.
+        KeyError: a size key (vocab_size, hidden_size, ...) is missing from ``config``, or its
+            ``model_type`` is not one of ``SHAPE_CHECKED_TYPES``.
     """
+    extras = LAYER_EXTRAS[config["model_type"]]
     vocab, hidden = config["vocab_size"], config["hidden_size"]
-    inner, layers = config["intermediate_size"], config["num_hidden_layers"]
     heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
+    size = _Sizes(
+        hidden=hidden,
+        inner=config["intermediate_size"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or hidden // heads,
+    )
 
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
     if not config.get("tie_word_embeddings", False):
         shapes["lm_head.weight"] = (vocab, hidden)
-    for layer in range(layers):
+    q_width, kv_width = size.heads * size.head_dim, size.kv_heads * size.head_dim
+    for layer in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{layer}"
         shapes |= {
             # q: [heads × head_dim, hidden]; k, v: [kv_heads × head_dim, hidden]
-            f"{prefix}.self_attn.q_proj.weight": (heads * head_dim, hidden),
-            f"{prefix}.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            f"{prefix}.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            f"{prefix}.self_attn.o_proj.weight": (hidden, heads * head_dim),
-            f"{prefix}.mlp.gate_proj.weight": (inner, hidden),
-            f"{prefix}.mlp.up_proj.weight": (inner, hidden),
-            f"{prefix}.mlp.down_proj.weight": (hidden, inner),
+            f"{prefix}.self_attn.q_proj.weight": (q_width, hidden),
+            f"{prefix}.self_attn.k_proj.weight": (kv_width, hidden),
+            f"{prefix}.self_attn.v_proj.weight": (kv_width, hidden),
+            f"{prefix}.self_attn.o_proj.weight": (hidden, q_width),
+            f"{prefix}.mlp.gate_proj.weight": (size.inner, hidden),
+            f"{prefix}.mlp.up_proj.weight": (size.inner, hidden),
+            f"{prefix}.mlp.down_proj.weight": (hidden, size.inner),
             f"{prefix}.input_layernorm.weight": (hidden,),
             f"{prefix}.post_attention_layernorm.weight": (hidden,),
         }
+        shapes |= extras(config, prefix, size)
     return shapes
+
+
+def unsupported_type_problem(inventory: CheckpointInventory) -> Problem | None:
+    """``architecture_unsupported`` when the config's ``model_type`` has no known layout."""
+    model_type = (inventory.config or {}).get("model_type")
+    if model_type in SHAPE_CHECKED_TYPES:
+        return None
+    return Problem(
+        "architecture_unsupported",
+        f"{inventory.name!r}: config.json model_type {model_type!r} is not a family mergeme "
+        f"can merge; supported: {', '.join(SHAPE_CHECKED_TYPES)}. Use experts of one of these",
+    )
 
 
 def shape_problems(inventory: CheckpointInventory) -> list[Problem]:
     """Every tensor whose header shape disagrees with ``config.json``, every weight the config
     implies but the files lack, and every layer beyond ``num_hidden_layers``."""
-    config = inventory.config or {}
-    if config.get("model_type") not in SHAPE_CHECKED_TYPES or not inventory.tensors:
+    if inventory.config is None:
+        return []  # already reported as config_missing or config_unparseable
+    unsupported = unsupported_type_problem(inventory)
+    if unsupported is not None:
+        return [unsupported]
+    config, label = inventory.config, f"{inventory.name!r}"
+    if not inventory.tensors:
         return []
-    label = f"{inventory.name!r}"
     try:
         expected = expected_shapes(config)
     except (KeyError, TypeError, ZeroDivisionError) as exc:

@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 
 def validate_data(config: PipelineConfig, report: ValidationReport, report_dir: Path) -> None:
     """Add the problems of the calibration and eval files (suite ``mergeme_data`` and the
-    ``dvc.lock`` check) to ``report``, and write the data table, GX result and Data Docs."""
+    ``dvc.lock`` check: the files match it and lie inside the locked stage's outputs) to
+    ``report``, and write the data table, GX result and Data Docs. Without ``data.dvc_lock``
+    the data's identity is unchecked, with a WARNING."""
     limits = config.validation
     settings = DataSettings(
         root=config.data.root,
@@ -43,12 +45,17 @@ def validate_data(config: PipelineConfig, report: ValidationReport, report_dir: 
         report.data_gx_result_json = str(report_dir / "gx_data.json")
         Path(report.data_gx_result_json).write_text(json.dumps(result_json, indent=2))
         report.data_docs_index = str(docs_index) if docs_index else None
-    if config.data.dvc_lock is not None:
-        report.add(
-            uncommitted_data_problems(
-                config.data.dvc_lock, config.data.dvc_stage, config.data.allow_uncommitted
-            )
+    data = config.data
+    if data.dvc_lock is None:
+        logger.warning(
+            "data.dvc_lock is not set: the identity of the data under %s is unchecked (no md5 "
+            "is compared); set data.dvc_lock to the dvc.lock of the stage that wrote it",
+            data.root,
         )
+        return
+    report.add(
+        uncommitted_data_problems(data.dvc_lock, data.dvc_stage, data.allow_uncommitted, data.root)
+    )
 
 
 def run_validation(
@@ -76,6 +83,7 @@ def run_validation(
         allow_pickle=allow_pickle,
         allow_remote_code=settings.allow_remote_code,
         content_hashes=hashes,
+        max_abs_value=settings.max_abs_value,
     )
     if config is not None:
         validate_data(config, report, report_dir)

@@ -207,7 +207,7 @@ def pickle_only(folder: Path, _family) -> None:
 def other_vocabulary(folder: Path, family: TinyFamily) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
     model.resize_token_embeddings(model.config.vocab_size + 8)
     for file in folder.glob("*.safetensors"):
         file.unlink()
@@ -218,6 +218,25 @@ def other_tokenizer(folder: Path, _family) -> None:
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     tokenizer["model"]["vocab"]["zzz-extra"] = 10_000
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+
+def swap_token_ids(folder: Path, _family) -> None:
+    """Swap the ids of two tokens in tokenizer.json: same byte size, different content."""
+    path = folder / "tokenizer.json"
+    text = path.read_text()
+    by_id = {i: t for t, i in json.loads(text)["model"]["vocab"].items()}
+    lines = [f"{json.dumps(by_id[i])}: {i}," for i in (40, 41)]
+    assert all(text.count(line) == 1 for line in lines)
+    swapped = [f"{json.dumps(by_id[i])}: {j}," for i, j in ((40, 41), (41, 40))]
+    edited = text.replace(lines[0], "\0").replace(lines[1], swapped[1]).replace("\0", swapped[0])
+    assert len(edited.encode()) == len(text.encode()) and edited != text
+    path.write_text(edited)
+
+
+def tokenizer_names_custom_code(folder: Path, _family) -> None:
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["auto_map"] = {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
 
 
 def other_architecture(folder: Path, family: TinyFamily) -> None:
@@ -262,9 +281,16 @@ def append_line(domain: str, split: str, line: bytes) -> Callable[[Path], None]:
 
 
 def leak_eval(data: Path) -> None:
-    first_eval = (data / "code" / "eval.jsonl").read_text().splitlines()[0]
+    first_eval = (data / "math" / "eval.jsonl").read_text().splitlines()[0]
     with open(data / "math" / "calibration.jsonl", "a") as stream:
         stream.write(first_eval + "\n")
+
+
+def leak_eval_respaced(data: Path) -> None:
+    first_eval = json.loads((data / "math" / "eval.jsonl").read_text().splitlines()[0])
+    respaced = "  " + "\t ".join(first_eval["text"].split(" ")) + "\n"
+    with open(data / "math" / "calibration.jsonl", "a") as stream:
+        stream.write(json.dumps({"domain": "math", "text": respaced}) + "\n")
 
 
 def remove_eval(data: Path) -> None:
@@ -277,6 +303,22 @@ def data_off_the_lock(folder: Path, family: TinyFamily, project: Path) -> Path:
     with open(copy / "data" / "demo" / "math" / "eval.jsonl", "a") as stream:
         stream.write('{"domain": "math", "text": "An edit nobody committed."}\n')
     data = {"root": str(copy / "data" / "demo"), "dvc_lock": str(copy / "dvc.lock")}
+    return config_with(folder, family, project, data=data)
+
+
+def data_outside_the_lock(folder: Path, family: TinyFamily, project: Path) -> Path:
+    # an unchanged copy of the locked data, elsewhere: the lock does not identify it
+    copy = folder / "copied-data"
+    shutil.copytree(project / "data" / "demo", copy)
+    data = {"root": str(copy), "dvc_lock": str(project / "dvc.lock")}
+    return config_with(folder, family, project, data=data)
+
+
+def lock_outside_a_repository(folder: Path, family: TinyFamily, project: Path) -> Path:
+    loose = folder / "no-dvc-repo"
+    shutil.copytree(project / "data", loose / "data")
+    shutil.copy(project / "dvc.lock", loose / "dvc.lock")
+    data = {"root": str(loose / "data" / "demo"), "dvc_lock": str(loose / "dvc.lock")}
     return config_with(folder, family, project, data=data)
 
 
@@ -297,6 +339,15 @@ def single_expert(folder: Path, family: TinyFamily, project: Path) -> Path:
     path = config_with(folder, family, project)
     config = yaml.safe_load(path.read_text())
     config["experts"] = config["experts"][:1]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def field_and_cross_field_errors(folder: Path, family: TinyFamily, project: Path) -> Path:
+    path = config_with(folder, family, project)
+    config = yaml.safe_load(path.read_text())
+    config["merge"] = {"density": 2, "experts_per_token": 5}
+    config["validation"] = {"min_text_chars": 50, "max_text_chars": 10, "allow_remote_code": "sure"}
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -335,9 +386,17 @@ CORPUS = [
     BrokenInput("other-vocabulary", _checkpoint_case(other_vocabulary), _kinds("vocab_mismatch")),
     BrokenInput("other-tokenizer", _checkpoint_case(other_tokenizer), _kinds("tokenizer_mismatch")),
     BrokenInput(
+        "same-size-tokenizer-swap", _checkpoint_case(swap_token_ids), _kinds("tokenizer_mismatch")
+    ),
+    BrokenInput(
+        "tokenizer-names-custom-code",
+        _checkpoint_case(tokenizer_names_custom_code),
+        _kinds("remote_code", "tokenizer_mismatch"),
+    ),
+    BrokenInput(
         "other-architecture",
         _checkpoint_case(other_architecture),
-        _kinds("architecture_mismatch"),
+        _kinds("architecture_mismatch", "architecture_unsupported"),
     ),
     BrokenInput("not-derived", _checkpoint_case(unrelated_weights), _kinds("not_derived")),
     BrokenInput("identical-experts", identical_experts, _kinds("duplicate_expert")),
@@ -366,9 +425,31 @@ CORPUS = [
         ),
         _kinds("data_length"),
     ),
+    BrokenInput(
+        "null-domain",
+        _data_case(append_line("math", "eval", b'{"domain": null, "text": "Whose is this?"}')),
+        _kinds("data_unknown_domain"),
+    ),
+    BrokenInput(
+        "text-is-a-list",
+        _data_case(append_line("code", "eval", b'{"domain": "code", "text": ["x = 1"]}')),
+        _kinds("data_not_string"),
+    ),
+    BrokenInput(
+        "row-in-another-domains-file",
+        _data_case(append_line("math", "calibration", b'{"domain": "code", "text": "x = 1"}')),
+        _kinds("data_domain_mismatch"),
+    ),
     BrokenInput("eval-leaks-into-calibration", _data_case(leak_eval), _kinds("data_leak")),
+    BrokenInput(
+        "eval-leaks-with-other-whitespace", _data_case(leak_eval_respaced), _kinds("data_leak")
+    ),
     BrokenInput("missing-eval-file", _data_case(remove_eval), _kinds("data_missing")),
     BrokenInput("data-differs-from-dvc-lock", data_off_the_lock, _kinds("data_uncommitted")),
+    BrokenInput("data-outside-the-lock", data_outside_the_lock, _kinds("data_untracked")),
+    BrokenInput(
+        "dvc-lock-outside-a-repository", lock_outside_a_repository, _kinds("data_lock_unusable")
+    ),
     BrokenInput(
         "unknown-keys-and-wrong-types",
         bad_keys_and_types,
@@ -376,6 +457,17 @@ CORPUS = [
             "merge.colour: unknown key",
             "router.max_length: Input should be a valid integer",
             "data.allow_uncommitted: Input should be a valid boolean",
+        ),
+    ),
+    BrokenInput(
+        "field-and-cross-field-errors",
+        field_and_cross_field_errors,
+        config_error=(
+            "4 problem(s)",
+            "merge.density: Input should be less than or equal to 1; write 1.0 or less",
+            "validation.allow_remote_code: Input should be a valid boolean",
+            "merge.experts_per_token: 5 is more than the 3 experts; set it to at most 3",
+            "validation.min_text_chars: 50 is above validation.max_text_chars 10",
         ),
     ),
     BrokenInput("single-expert", single_expert, config_error=("experts: List should have",)),

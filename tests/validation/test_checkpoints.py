@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -117,3 +118,44 @@ def test_a_nan_in_an_allowed_pickle_is_still_named(tiny_family, tmp_path):
     )
     assert not report.success
     assert any("'code'" in p and name in p and "finite" in p for p in report.problems)
+
+
+def _validate_with(tiny_family, dvc_project, tmp_path, expert, validation: dict):
+    from mergeme.config import load_config
+    from mergeme.pipeline import fetch_step
+    from mergeme.validation.step import run_validation
+    from tests.conftest import write_pipeline_config
+
+    family = replace(tiny_family, experts=_experts(tiny_family, math=expert))
+    path = write_pipeline_config(tmp_path, family, dvc_project, validation=validation)
+    config = load_config(path)
+    fetched = fetch_step(config, tmp_path / "workspace")
+    return run_validation(fetched, tmp_path / f"report-{len(validation)}", config)
+
+
+def test_the_config_sets_the_largest_weight_and_the_dtypes(tiny_family, dvc_project, tmp_path):
+    from mergeme.validation.gx_suite import DEFAULT_MAX_ABS_VALUE
+
+    folder = _copy(tiny_family, "math", tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    # norm vectors: left out of the task-vector measure, so the expert stays a fine-tune
+    tensors["model.norm.weight"][0] = 5000.0
+    norm = "model.layers.0.input_layernorm.weight"
+    tensors[norm] = tensors[norm].double()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+    # the defaults: 5000 is within 1e4, F64 is not allowed
+    report = _validate_with(tiny_family, dvc_project, tmp_path, folder, {})
+    assert report.kinds == ["dtype_not_allowed"]
+    assert "can also be listed in validation.allowed_dtypes" in report.problems[0]
+
+    # a lower limit and F64 allowed
+    settings = {"max_abs_value": 1000.0, "allowed_dtypes": ["F64", "F32"]}
+    report = _validate_with(tiny_family, dvc_project, tmp_path, folder, settings)
+    assert report.kinds == ["stats_suite"]
+    assert "'model.norm.weight' has max_abs 5000 (expected at most 1000)" in report.problems[0]
+    assert "raise validation.max_abs_value" in report.problems[0]
+
+    from mergeme.config import ValidationConfig
+
+    assert ValidationConfig().max_abs_value == DEFAULT_MAX_ABS_VALUE

@@ -4,6 +4,7 @@ step accepts good inputs."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,11 +13,12 @@ from safetensors import safe_open
 from mergeme.config import load_config
 from mergeme.data import dvc_output_md5s
 from mergeme.pipeline import fetch_step
+from mergeme.validation.checkpoints import ValidationReport
 from mergeme.validation.compatibility import relative_task_vector
 from mergeme.validation.dvc_lock import dvc_dir_md5, uncommitted_data_problems
 from mergeme.validation.files import inspect_checkpoint, read_safetensors_header
 from mergeme.validation.shapes import expected_shapes
-from mergeme.validation.step import run_validation
+from mergeme.validation.step import run_validation, validate_data
 from tests.conftest import write_pipeline_config
 
 
@@ -58,6 +60,44 @@ def test_uncommitted_data_names_the_file_and_can_be_accepted(dvc_project, tmp_pa
     # the md5 we recompute now differs from the lock as well
     recorded = dvc_output_md5s(copy / "dvc.lock", "data")["data/demo"]
     assert dvc_dir_md5(copy / "data" / "demo") != recorded
+
+
+def test_data_outside_the_locked_outputs_is_untracked(dvc_project, tmp_path):
+    lock = dvc_project / "dvc.lock"
+    inside = dvc_project / "data" / "demo"
+    assert uncommitted_data_problems(lock, "data", False, inside) == []
+    assert uncommitted_data_problems(lock, "data", False, inside / "math") == []
+
+    # the same files, copied elsewhere: the lock says nothing about them
+    copy = tmp_path / "copy"
+    shutil.copytree(inside, copy)
+    for allow in (False, True):
+        [problem] = uncommitted_data_problems(lock, "data", allow, copy)
+        assert problem.kind == "data_untracked"
+        assert f"data.root {copy} is not inside any output of stage 'data'" in problem.message
+        assert str(inside) in problem.message
+
+
+def test_a_lock_outside_a_dvc_repository_is_a_named_problem(dvc_project, tmp_path):
+    (tmp_path / "loose").mkdir()
+    shutil.copy(dvc_project / "dvc.lock", tmp_path / "loose" / "dvc.lock")
+    shutil.copytree(dvc_project / "data", tmp_path / "loose" / "data")
+
+    [problem] = uncommitted_data_problems(
+        tmp_path / "loose" / "dvc.lock", "data", False, tmp_path / "loose" / "data" / "demo"
+    )
+    assert problem.kind == "data_lock_unusable"
+    assert "is not in a DVC repository" in problem.message and "dvc init" in problem.message
+
+
+def test_data_without_a_lock_is_accepted_with_a_warning(tiny_family, dvc_project, tmp_path, caplog):
+    data = {"root": str(dvc_project / "data" / "demo")}
+    config = load_config(write_pipeline_config(tmp_path, tiny_family, dvc_project, data=data))
+    report = ValidationReport(success=False)
+    with caplog.at_level(logging.WARNING, logger="mergeme.validation.step"):
+        validate_data(config, report, tmp_path)
+    assert report.problems == []
+    assert "data.dvc_lock is not set: the identity of the data under" in caplog.text
 
 
 def test_fine_tunes_are_far_closer_to_the_base_than_the_limit(tiny_family):

@@ -166,7 +166,8 @@ def test_every_row_check_names_the_offending_row():
         "expert 'code': tensor 'd' appears in 2 rows (expected once per expert); tables of "
         "several checkpoints need distinct expert names",
         "expert 'code': tensor 'c' has max_abs 20000 (expected at most 10000); look for diverged "
-        "training or a broken conversion, or raise max_abs_limit if such weights are intended",
+        "training or a broken conversion, or raise validation.max_abs_value if such weights are "
+        "intended",
         "expert 'code': tensor 'a' has std -1 (expected at least 0); the table is corrupt; "
         "rebuild it with tensor_stats_table",
         "expert 'code': tensor 'b' has numel 0 (expected at least 1); an empty tensor cannot be "
