@@ -142,10 +142,11 @@ def test_qwen3_config_carries_head_dim_tied_embeddings_and_a_full_window(tmp_pat
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["head_dim"] == 16 and config["tie_word_embeddings"] is True
     assert config["use_sliding_window"] is True and config["sliding_window"] == 4
-    # Qwen3MoeConfig stores the expert count as num_local_experts
-    assert config["num_local_experts"] == 2 and config["router_aux_loss_coef"] == 0.01
+    # the Hub's name for the count; transformers 5 maps it to num_local_experts
+    assert config["num_experts"] == 2 and config["router_aux_loss_coef"] == 0.01
     assert config["norm_topk_prob"] is True
     moe = _load(tmp_path / "moe")
+    assert moe.config.num_local_experts == 2
     assert moe.lm_head.weight.data_ptr() == moe.model.embed_tokens.weight.data_ptr()
     with torch.no_grad():  # sequences longer than the window: the window must match
         torch.testing.assert_close(moe(_ids(2)).logits, dense(_ids(2)).logits, rtol=1e-5, atol=1e-5)
