@@ -13,6 +13,9 @@ from mergeme.config import MergeConfig
 from mergeme.errors import CheckpointError, UnsupportedArchitectureError
 from mergeme.merge.moe_builder import build_moe
 from tests.factories import perturbed, random_llama, tiny_llama_config
+from tests.merge.moe_reference import reference_logits, written_routers
+
+MIXTRAL_ROUTER = "model.layers.{layer}.block_sparse_moe.gate.weight"
 
 
 def _save(model, folder):
@@ -42,33 +45,6 @@ def test_identical_experts_reproduce_the_dense_model(tmp_path):
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def _reference_logits(dense_models, moe, ids, top_k):
-    """Run the MoE by hand: merged trunk from the MoE, each expert's FFN from its own dense
-    model, routing computed here from the MoE's router weights."""
-    base = moe.model
-    hidden = base.embed_tokens(ids)  # (batch, tokens, hidden)
-    positions = torch.arange(ids.shape[1]).unsqueeze(0)
-    position_embeddings = base.rotary_emb(hidden, positions)
-    mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
-    for index, layer in enumerate(base.layers):
-        attn_in = layer.input_layernorm(hidden)
-        attn_out, _ = layer.self_attn(attn_in, position_embeddings, mask)
-        hidden = hidden + attn_out
-        normed = layer.post_attention_layernorm(hidden)  # (batch, tokens, hidden)
-        logits = normed @ layer.mlp.gate.weight.T  # (batch, tokens, experts)
-        probs = logits.softmax(-1)
-        top, chosen = probs.topk(top_k, dim=-1)
-        top = top / top.sum(-1, keepdim=True)
-        mixed = torch.zeros_like(hidden)
-        for slot in range(top_k):
-            for expert, dense in enumerate(dense_models):
-                ffn_out = dense.model.layers[index].mlp(normed)
-                picked = (chosen[..., slot] == expert).unsqueeze(-1)
-                mixed = mixed + picked * top[..., slot : slot + 1] * ffn_out
-        hidden = hidden + mixed
-    return moe.lm_head(base.norm(hidden))
-
-
 def test_distinct_experts_match_a_hand_routed_reference(tmp_path):
     base_model = random_llama(tiny_llama_config(), seed=2)
     experts = [perturbed(base_model, seed=20 + i, scale=0.2) for i in range(3)]
@@ -78,12 +54,11 @@ def test_distinct_experts_match_a_hand_routed_reference(tmp_path):
     build_moe(base, checkpoints, tmp_path / "moe", MergeConfig(trunk_method="average", seed=5))
     moe, _ = _load(tmp_path / "moe")
 
-    # the trunk is the plain average of the experts
-    expected_q = torch.stack([m.model.layers[1].self_attn.q_proj.weight for m in experts]).mean(0)
-    torch.testing.assert_close(moe.model.layers[1].self_attn.q_proj.weight, expected_q)
+    # the reference has its own averaged trunk; only the random routers come from the output
+    routers = written_routers(tmp_path / "moe", MIXTRAL_ROUTER, num_layers=2)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = _reference_logits(experts, moe, ids, top_k=2)
+        expected = reference_logits(experts, routers, ids, top_k=2)
         torch.testing.assert_close(moe(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 

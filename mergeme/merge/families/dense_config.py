@@ -95,7 +95,7 @@ def _qwen_layer_types(config: dict) -> list[str]:
     return [
         "sliding_attention"
         if window is not None and layer >= config["max_window_layers"]
-        else ("full_attention")
+        else "full_attention"
         for layer in range(config["num_hidden_layers"])
     ]
 
