@@ -17,7 +17,8 @@ from mergeme.checkpoint import Checkpoint, TensorLocation
 from mergeme.config import MergeConfig
 from mergeme.io.safetensors_writer import TensorSpec
 from mergeme.merge.families import MoEArchitecture, is_dense_ffn
-from mergeme.merge.trunk_methods import TRUNK_METHODS, merge_trunk_tensor
+from mergeme.merge.flat import CheckpointSource
+from mergeme.merge.trunk_methods import TRUNK_METHODS, merge_trunk_sources
 
 GROUPS = ("trunk", "experts", "routers")
 
@@ -45,9 +46,7 @@ def trunk_parameters(settings: MergeConfig) -> dict:
         "ties_agreement": settings.ties_agreement,
         "seed": settings.seed,
     }
-    used = {key: values[key] for key in method.defaults if key in values}
-    if settings.trunk_method.startswith("dare"):
-        used["seed"] = settings.seed  # the drop masks depend on it
+    used = {key: values[key] for key in method.defaults}
     if settings.expert_weights is not None:
         used["expert_weights"] = list(settings.expert_weights)
     return used
@@ -81,10 +80,11 @@ def _trunk_jobs(
             continue
 
         def merge_one(name: str = name) -> torch.Tensor:
-            return merge_trunk_tensor(
+            # the copies are read range by range while merging, never whole
+            return merge_trunk_sources(
                 settings.trunk_method,
-                base.get(name) if method.needs_base else None,
-                [expert.get(name) for expert in experts],
+                CheckpointSource(base, name) if method.needs_base else None,
+                [CheckpointSource(expert, name) for expert in experts],
                 weights=settings.expert_weights,
                 tensor_name=name,
                 out_dtype=out_dtype,

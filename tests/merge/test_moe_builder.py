@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from mergeme.checkpoint import Checkpoint
 from mergeme.config import MergeConfig
-from mergeme.errors import CheckpointError, UnsupportedArchitectureError
+from mergeme.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from mergeme.merge.moe_builder import build_moe
 from tests.factories import perturbed, random_llama, tiny_llama_config
 from tests.merge.moe_reference import reference_logits, written_routers
@@ -84,15 +84,15 @@ def test_a_failed_merge_leaves_no_output_folder(tmp_path, monkeypatch):
     checkpoint = _save(dense, tmp_path / "dense")
 
     calls = {"count": 0}
-    original = Checkpoint.get
+    original = Checkpoint.read_range
 
-    def failing_get(self, name):
+    def failing_read(self, *args):
         calls["count"] += 1
         if calls["count"] == 5:
             raise KeyboardInterrupt  # a Ctrl-C in the middle of the merge
-        return original(self, name)
+        return original(self, *args)
 
-    monkeypatch.setattr(Checkpoint, "get", failing_get)
+    monkeypatch.setattr(Checkpoint, "read_range", failing_read)
     with pytest.raises(KeyboardInterrupt):
         build_moe(checkpoint, [checkpoint, checkpoint], tmp_path / "moe", MergeConfig())
     assert list(tmp_path.iterdir()) == [tmp_path / "dense"]
@@ -105,6 +105,15 @@ def test_an_expert_with_other_shapes_is_refused_naming_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"'wide'.*mlp\.(down|gate|up)_proj"):
         build_moe(base, [base, wide], tmp_path / "moe", MergeConfig())
     assert not (tmp_path / "moe").exists()
+
+
+def test_expert_weights_of_the_wrong_length_are_refused_before_any_output(tmp_path):
+    base = _save(random_llama(tiny_llama_config(), seed=8), tmp_path / "base")
+    settings = MergeConfig(trunk_method="ties", expert_weights=[1.0, 2.0, 3.0])
+
+    with pytest.raises(ConfigError, match=r"merge\.expert_weights has 3 weights for 2 experts"):
+        build_moe(base, [base, base], tmp_path / "moe", settings)
+    assert list(tmp_path.iterdir()) == [tmp_path / "base"]
 
 
 def test_an_unsupported_architecture_is_refused_listing_the_supported(tmp_path):
