@@ -1,9 +1,11 @@
 """Run a merge plan: compute the next tensors on a worker thread while this thread writes.
 
-Reading and arithmetic (torch and safetensors release the GIL for the heavy parts) overlap
-with writing. At most ``prefetch`` computed tensors wait for the writer, so peak memory stays
-near (inputs of one tensor + ``prefetch`` + 1) tensors whatever the model size. Outputs that
-are byte copies of an input (routed experts, ``base`` trunk) go file to file in the kernel.
+Reading and arithmetic (torch and positional reads release the GIL for the heavy parts)
+overlap with writing. At most ``prefetch`` computed tensors wait for the writer, and a trunk
+method holds only chunks of its inputs, so peak memory stays near ``prefetch`` + 1 output
+tensors plus the method's work buffers whatever the model size. Outputs that are byte copies
+of an input (routed experts, ``base`` trunk) go file to file in the kernel, while the worker
+thread computes.
 """
 
 from __future__ import annotations
@@ -34,31 +36,37 @@ def _progress_bars(jobs: list[TensorJob]) -> dict[str, tqdm]:
 def run_jobs(
     jobs: list[TensorJob], writer: CheckpointWriter, prefetch: int = DEFAULT_PREFETCH
 ) -> None:
-    """Produce and write every job's tensor, in order.
+    """Produce and write every job's tensor.
+
+    Computed tensors are written in plan order; byte copies are done by this thread while it
+    would otherwise wait for the next computed tensor (the writer takes tensors in any order),
+    so copying the routed experts overlaps the trunk arithmetic instead of following it.
 
     Raises:
         Whatever a job's computation or the writer raises; queued work is cancelled first.
     """
     bars = _progress_bars(jobs)
-    queue: deque[tuple[TensorJob, Future[torch.Tensor] | None]] = deque()
-    upcoming = iter(jobs)
+    computed = iter([job for job in jobs if job.copy_from is None])
+    copies = deque(job for job in jobs if job.copy_from is not None)
+    pending: deque[tuple[TensorJob, Future[torch.Tensor]]] = deque()
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeme-compute")
 
     def submit_next() -> None:
-        job = next(upcoming, None)
+        job = next(computed, None)
         if job is not None:
-            # copies need no computation: the writer moves their bytes itself
-            queue.append((job, None if job.copy_from else pool.submit(job.compute)))
+            pending.append((job, pool.submit(job.compute)))
 
     try:
         for _ in range(prefetch):
             submit_next()
-        while queue:
-            job, future = queue.popleft()
-            submit_next()
-            if future is None:
+        while pending or copies:
+            # copy while the next computed tensor is not ready (copy_file_range frees the GIL)
+            if copies and not (pending and pending[0][1].done()):
+                job = copies.popleft()
                 writer.copy(job.spec.name, job.copy_from)
             else:
+                job, future = pending.popleft()
+                submit_next()
                 writer.write(job.spec.name, future.result())
             bars[job.group].update()
             logger.debug("wrote %s", job.spec.name)
