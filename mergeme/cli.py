@@ -59,24 +59,38 @@ def merge(
 ) -> None:
     """Fetch the experts and build the MoE checkpoint at OUT (no calibration, no registry)."""
     root = _setup(workspace)
-    from mergeme.checkpoint import Checkpoint
+    # only what a merge needs: the pipeline module would import MLflow, GX and more (seconds)
     from mergeme.config import load_config
     from mergeme.merge.moe_builder import build_moe
-    from mergeme.pipeline import fetch_step
-    from mergeme.registry.store import connect
 
+    checkpoints = []
     try:
         settings = load_config(config)
-        connect(settings.registry.tracking_uri, root)
-        fetched = fetch_step(settings, root)
-        checkpoints = [
-            Checkpoint(item["path"], name=item["name"], allow_pickle=settings.merge.allow_pickle)
-            for item in fetched
-        ]
+        checkpoints = _fetch_checkpoints(settings, root)
         report = build_moe(checkpoints[0], checkpoints[1:], out, settings.merge, overwrite)
-    except (MergemeError, FileExistsError) as error:
+    except (MergemeError, FileExistsError, ValueError) as error:
         _fail(error)
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.close()
     typer.echo(json.dumps(report.__dict__, indent=2))
+
+
+def _fetch_checkpoints(settings, root: Path) -> list:
+    """The base, then every expert, fetched and opened (MLflow only when a source needs it)."""
+    from mergeme.checkpoint import Checkpoint
+    from mergeme.config import MlflowSource
+    from mergeme.fetch import fetch_checkpoint
+
+    entries = [(settings.base.name, "base", None, settings.base.source)]
+    entries += [(e.name, "expert", e.domain, e.source) for e in settings.experts]
+    if any(isinstance(source, MlflowSource) for *_, source in entries):
+        from mergeme.registry.store import connect
+
+        connect(settings.registry.tracking_uri, root)
+    fetched = [fetch_checkpoint(*entry, root) for entry in entries]
+    allow_pickle = settings.merge.allow_pickle
+    return [Checkpoint(item.path, name=item.name, allow_pickle=allow_pickle) for item in fetched]
 
 
 @app.command()

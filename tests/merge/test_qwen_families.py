@@ -105,6 +105,8 @@ def test_distinct_experts_match_a_hand_routed_reference(tmp_path, family, shared
     settings = MergeConfig(trunk_method="average", seed=5, shared_expert=shared_expert)
     build_moe(base, checkpoints, tmp_path / "moe", settings)
     moe = _load(tmp_path / "moe")
+    provenance = json.loads((tmp_path / "moe" / "mergeme_merge.json").read_text())
+    assert provenance.get("shared_expert") == (shared_expert if family == "qwen2_moe" else None)
 
     # the reference has its own averaged trunk; only the random routers come from the output
     routers = written_routers(tmp_path / "moe", QWEN_ROUTER, num_layers=2)
