@@ -237,7 +237,10 @@ class Checkpoint:
 
     def _descriptor(self, file: Path) -> int:
         if file not in self._descriptors:
-            self._descriptors[file] = os.open(file, os.O_RDONLY)
+            # two threads may open it at once: keep the first descriptor, close the other
+            opened = os.open(file, os.O_RDONLY)
+            if self._descriptors.setdefault(file, opened) != opened:
+                os.close(opened)
         return self._descriptors[file]
 
     def shape(self, name: str) -> tuple[int, ...]:

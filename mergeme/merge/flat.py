@@ -6,7 +6,8 @@ buffers of chunk size, and write the range of the output. Nothing of full tensor
 allocated besides the output, and the work buffers stay small enough to live in the CPU cache.
 
 A ``FlatSource`` is one copy of the tensor: ``TensorSource`` wraps a tensor in memory,
-``CheckpointSource`` reads ranges straight from a checkpoint's file into reused buffers.
+``CheckpointSource`` reads ranges straight from a checkpoint's file into reused buffers, so a
+merge holds chunks of its inputs, never whole tensors.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class FlatSource(Protocol):
         same ``slot`` on this thread."""
         ...
 
-    def read_all(self, slot: str) -> torch.Tensor:
-        """Every entry (1-D, stored dtype), valid until the next ``read_all`` into ``slot``."""
+    def read_strided(self, stride: int, slot: str) -> torch.Tensor:
+        """The entries at flat indexes 0, stride, 2·stride, ... (1-D, stored dtype, new)."""
         ...
 
 
@@ -64,8 +65,8 @@ class TensorSource:
     def read(self, start: int, stop: int, slot: str) -> torch.Tensor:
         return self._flat[start:stop]
 
-    def read_all(self, slot: str) -> torch.Tensor:
-        return self._flat
+    def read_strided(self, stride: int, slot: str) -> torch.Tensor:
+        return self._flat[::stride]
 
 
 class CheckpointSource:
@@ -81,10 +82,13 @@ class CheckpointSource:
         buffer = work_buffer(f"read:{slot}", stop - start, self.dtype)
         return self.checkpoint.read_range(self.name, start, stop, buffer)
 
-    def read_all(self, slot: str) -> torch.Tensor:
-        numel = numel_of(self.shape)
-        buffer = work_buffer(f"whole:{slot}", numel, self.dtype)
-        return self.checkpoint.read_range(self.name, 0, numel, buffer)
+    def read_strided(self, stride: int, slot: str) -> torch.Tensor:
+        # one pass over the tensor, chunk by chunk: a read per sampled entry would be slower
+        parts = []
+        for start, stop in chunk_ranges(numel_of(self.shape)):
+            first = -start % stride  # the chunk's first index that is a multiple of stride
+            parts.append(self.read(start, stop, slot)[first::stride].clone())
+        return torch.cat(parts)
 
 
 _local = threading.local()

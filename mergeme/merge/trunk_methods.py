@@ -190,18 +190,18 @@ def _trim_rules(
 ) -> list[TrimRule | None]:
     """A first pass per expert: the exact magnitude threshold of its task vector."""
     numel = numel_of(base.shape)
-    whole_base = base.read_all("base")  # [numel] stored dtype
+    base_samples: dict[int, torch.Tensor] = {}
     rules = []
     for expert in experts:
-        whole = expert.read_all("expert")  # [numel] stored dtype
 
-        def magnitudes(start: int, stop: int, whole: torch.Tensor = whole) -> torch.Tensor:
-            base32 = work_buffer("base", stop - start).copy_(whole_base[start:stop])
-            chunk = work_buffer("magnitude", stop - start).copy_(whole[start:stop])
-            return chunk.sub_(base32).abs_()  # [n] f32
+        def magnitudes(start: int, stop: int, expert: FlatSource = expert) -> torch.Tensor:
+            base32 = _base_chunk(base, start, stop)
+            return _task_vector(expert, base32, start, stop).abs_()  # [n] f32
 
-        def sample_at(stride: int, whole: torch.Tensor = whole) -> torch.Tensor:
-            return (whole[::stride].float() - whole_base[::stride].float()).abs_()
+        def sample_at(stride: int, expert: FlatSource = expert) -> torch.Tensor:
+            if stride not in base_samples:
+                base_samples[stride] = base.read_strided(stride, "base").float()
+            return expert.read_strided(stride, "expert").float().sub_(base_samples[stride]).abs_()
 
         rules.append(trim_rule(magnitudes, sample_at, numel, density))
     return rules
