@@ -199,9 +199,11 @@ def _trim_rules(
             return _task_vector(expert, base32, start, stop).abs_()  # [n] f32
 
         def sample_at(stride: int, expert: FlatSource = expert) -> torch.Tensor:
+            # a float32 source's strided read is a view of the caller's tensor: never in place
             if stride not in base_samples:
                 base_samples[stride] = base.read_strided(stride, "base").float()
-            return expert.read_strided(stride, "expert").float().sub_(base_samples[stride]).abs_()
+            expert_sample = expert.read_strided(stride, "expert").float()
+            return torch.sub(expert_sample, base_samples[stride]).abs_()
 
         rules.append(trim_rule(magnitudes, sample_at, numel, density))
     return rules
