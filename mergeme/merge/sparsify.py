@@ -68,7 +68,7 @@ def select_kth(values: Magnitudes, sample: torch.Tensor, numel: int, rank: int) 
 
     # bracket the quantile with sample ranks about 8 standard deviations either side
     ordered = sample.sort().values  # [~SAMPLE_SIZE]
-    middle = int(rank / numel * ordered.numel())
+    middle = min(int(rank / numel * ordered.numel()), ordered.numel() - 1)
     low = ordered[max(0, middle - SAMPLE_MARGIN)].item()
     high = ordered[min(ordered.numel() - 1, middle + SAMPLE_MARGIN)].item()
 
