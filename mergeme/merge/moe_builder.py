@@ -15,7 +15,9 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergeme.checkpoint import Checkpoint, compare_tensors
+import torch
+
+from mergeme.checkpoint import SAFETENSORS_DTYPES, Checkpoint, compare_tensors
 from mergeme.config import MergeConfig
 from mergeme.errors import CheckpointError, ConfigError
 from mergeme.io.atomic import atomic_folder
@@ -83,6 +85,20 @@ def check_expert_weights(settings: MergeConfig, num_experts: int) -> None:
         )
 
 
+# the dtype names output_dtype may take, by torch dtype
+OUTPUT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def resolved_output_dtype(settings: MergeConfig, base: Checkpoint) -> str:
+    """``merge.output_dtype``, with ``auto`` replaced by the dtype the base stores its
+    embedding in (float32 if that is not a float32, bfloat16 or float16)."""
+    if settings.output_dtype != "auto":
+        return settings.output_dtype
+    embedding = next((n for n in base.tensor_names() if n.endswith("embed_tokens.weight")), None)
+    stored = SAFETENSORS_DTYPES[base.dtype_name(embedding)] if embedding else torch.float32
+    return OUTPUT_DTYPES.get(stored, "float32")
+
+
 def build_moe(
     base: Checkpoint,
     experts: list[Checkpoint],
@@ -105,6 +121,7 @@ def build_moe(
     """
     dense_config = normalise_dense_config(base.config)
     architecture = architecture_for(dense_config)
+    settings = settings.model_copy(update={"output_dtype": resolved_output_dtype(settings, base)})
     check_same_tensors(base, experts)
     check_expert_weights(settings, len(experts))
     if len(experts) & (len(experts) - 1):

@@ -182,3 +182,18 @@ def test_a_pickle_that_is_not_plain_weights_is_refused_even_when_allowed(family,
 
     with pytest.raises(CheckpointError, match="cannot be loaded with weights_only=True"):
         Checkpoint(folder, allow_pickle=True)
+
+
+def test_output_dtype_auto_keeps_the_base_dtype(tmp_path):
+    dense = random_llama(tiny_llama_config(), seed=6).to(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "dense")
+    checkpoint = Checkpoint(tmp_path / "dense")
+
+    build_moe(checkpoint, [checkpoint, checkpoint], tmp_path / "moe", MergeConfig(seed=1))
+
+    assert MergeConfig().output_dtype == "auto"
+    assert {t.dtype for t in _weights(tmp_path / "moe").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["dtype"] == "bfloat16"
+    # the routed experts are byte copies of the bfloat16 inputs
+    size = sum(f.stat().st_size for f in (tmp_path / "moe").glob("*.safetensors"))
+    assert size < 2 * sum(f.stat().st_size for f in (tmp_path / "dense").glob("*.safetensors"))
