@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mergeme.errors import MergemeError
 from mergeme.workspace import configure_environment, configure_logging
+
+if TYPE_CHECKING:
+    from mergeme.checkpoint import Checkpoint
+    from mergeme.config import PipelineConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 logger = logging.getLogger("mergeme")
@@ -76,10 +80,13 @@ def merge(
     typer.echo(json.dumps(report.__dict__, indent=2))
 
 
-def _fetch_checkpoints(settings, root: Path) -> list:
-    """The base, then every expert, fetched and opened (MLflow only when a source needs it)."""
+def _fetch_checkpoints(settings: PipelineConfig, root: Path) -> list[Checkpoint]:
+    """The base, then every expert, fetched and opened. Local folders are used as they are:
+    the pipeline's content hash (a read of every weight byte) keys nothing here. MLflow is
+    imported only when a source needs it."""
     from mergeme.checkpoint import Checkpoint
-    from mergeme.config import MlflowSource
+    from mergeme.config import LocalSource, MlflowSource
+    from mergeme.errors import SourceError
     from mergeme.fetch import fetch_checkpoint
 
     entries = [(settings.base.name, "base", None, settings.base.source)]
@@ -88,9 +95,16 @@ def _fetch_checkpoints(settings, root: Path) -> list:
         from mergeme.registry.store import connect
 
         connect(settings.registry.tracking_uri, root)
-    fetched = [fetch_checkpoint(*entry, root) for entry in entries]
-    allow_pickle = settings.merge.allow_pickle
-    return [Checkpoint(item.path, name=item.name, allow_pickle=allow_pickle) for item in fetched]
+    checkpoints = []
+    for name, role, domain, source in entries:
+        if isinstance(source, LocalSource):
+            if not Path(source.path).is_dir():
+                raise SourceError(f"{role} {name!r}: local folder {source.path} does not exist")
+            folder = Path(source.path)
+        else:
+            folder = Path(fetch_checkpoint(name, role, domain, source, root).path)
+        checkpoints.append(Checkpoint(folder, name=name, allow_pickle=settings.merge.allow_pickle))
+    return checkpoints
 
 
 @app.command()
