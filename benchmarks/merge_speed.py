@@ -39,9 +39,8 @@ sys.path.insert(0, str(ROOT))
 MERGEKIT_VERSION = "0.1.5"
 METHODS = ("base", "average", "ties", "dare_ties")
 NUM_EXPERTS = 4
-STARTUP_IMPORTS = (
-    "import mergeme.merge.moe_builder; import transformers.models.mixtral.configuration_mixtral"
-)
+# what a merge imports (it builds the MoE config without transformers)
+STARTUP_IMPORTS = "import mergeme.merge.moe_builder"
 
 # Llama shapes giving about 300 MB and about 2 GB of bf16 weights per checkpoint
 SIZES = {

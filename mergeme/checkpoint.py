@@ -250,18 +250,45 @@ class Checkpoint:
             return self._handles[file][name]
         location = self.location(name)
         data = torch.empty(location.length, dtype=torch.uint8)  # [nbytes]
+        self._pread_into(file, name, data, location.offset)
+        return data.view(location.dtype).reshape(self.shape(name))
+
+    def read_range(self, name: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Entries ``[start, stop)`` of the flattened tensor, read into the front of ``out``
+        (a contiguous 1-D tensor of the stored dtype); returns that filled view of ``out``.
+
+        Raises:
+            CheckpointError: the file ends early or the range lies outside the tensor.
+        """
+        file = self.file_of(name)
+        target = out[: stop - start]  # [stop - start]
+        if self._is_pickle(file):
+            return target.copy_(self._handles[file][name].reshape(-1)[start:stop])
+        location = self.location(name)
+        itemsize = target.element_size()
+        if not 0 <= start <= stop or stop * itemsize > location.length:
+            raise CheckpointError(
+                f"{self.name}: entries [{start}, {stop}) lie outside tensor {name!r}"
+            )
+        self._pread_into(file, name, target.view(torch.uint8), location.offset + start * itemsize)
+        return target
+
+    def _pread_into(self, file: Path, name: str, data: torch.Tensor, offset: int) -> None:
+        # data: contiguous uint8 [nbytes], filled from ``offset`` of ``file``
         view = memoryview(data.numpy())
         done = 0
-        while done < location.length:
-            count = os.preadv(self._descriptor(file), [view[done:]], location.offset + done)
+        while done < len(view):
+            count = os.preadv(self._descriptor(file), [view[done:]], offset + done)
             if count == 0:
                 raise CheckpointError(f"{self.name}: {file} ends inside tensor {name!r}")
             done += count
-        return data.view(location.dtype).reshape(self.shape(name))
 
     def _descriptor(self, file: Path) -> int:
         if file not in self._descriptors:
-            self._descriptors[file] = os.open(file, os.O_RDONLY)
+            # two threads may open it at once: keep the first descriptor, close the other
+            opened = os.open(file, os.O_RDONLY)
+            if self._descriptors.setdefault(file, opened) != opened:
+                os.close(opened)
         return self._descriptors[file]
 
     def shape(self, name: str) -> tuple[int, ...]:

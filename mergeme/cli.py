@@ -7,12 +7,16 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mergeme.errors import MergemeError
 from mergeme.workspace import configure_environment, configure_logging
+
+if TYPE_CHECKING:
+    from mergeme.checkpoint import Checkpoint
+    from mergeme.config import PipelineConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 logger = logging.getLogger("mergeme")
@@ -61,24 +65,48 @@ def merge(
 ) -> None:
     """Fetch the experts and build the MoE checkpoint at OUT (no calibration, no registry)."""
     root = _setup(workspace)
-    from mergeme.checkpoint import Checkpoint
+    # only what a merge needs: the pipeline module would import MLflow, GX and more (seconds)
     from mergeme.config import load_config
     from mergeme.merge.moe_builder import build_moe
-    from mergeme.pipeline import fetch_step
-    from mergeme.registry.store import connect
 
+    checkpoints = []
     try:
         settings = load_config(config)
-        connect(settings.registry.tracking_uri, root)
-        fetched = fetch_step(settings, root)
-        checkpoints = [
-            Checkpoint(item["path"], name=item["name"], allow_pickle=settings.merge.allow_pickle)
-            for item in fetched
-        ]
+        checkpoints = _fetch_checkpoints(settings, root)
         report = build_moe(checkpoints[0], checkpoints[1:], out, settings.merge, overwrite)
-    except (MergemeError, FileExistsError) as error:
+    except (MergemeError, FileExistsError, ValueError) as error:
         _fail(error)
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.close()
     typer.echo(json.dumps(report.__dict__, indent=2))
+
+
+def _fetch_checkpoints(settings: PipelineConfig, root: Path) -> list[Checkpoint]:
+    """The base, then every expert, fetched and opened. Local folders are used as they are:
+    the pipeline's content hash (a read of every weight byte) keys nothing here. MLflow is
+    imported only when a source needs it."""
+    from mergeme.checkpoint import Checkpoint
+    from mergeme.config import LocalSource, MlflowSource
+    from mergeme.errors import SourceError
+    from mergeme.fetch import fetch_checkpoint
+
+    entries = [(settings.base.name, "base", None, settings.base.source)]
+    entries += [(e.name, "expert", e.domain, e.source) for e in settings.experts]
+    if any(isinstance(source, MlflowSource) for *_, source in entries):
+        from mergeme.registry.store import connect
+
+        connect(settings.registry.tracking_uri, root)
+    checkpoints = []
+    for name, role, domain, source in entries:
+        if isinstance(source, LocalSource):
+            if not Path(source.path).is_dir():
+                raise SourceError(f"{role} {name!r}: local folder {source.path} does not exist")
+            folder = Path(source.path)
+        else:
+            folder = Path(fetch_checkpoint(name, role, domain, source, root).path)
+        checkpoints.append(Checkpoint(folder, name=name, allow_pickle=settings.merge.allow_pickle))
+    return checkpoints
 
 
 @app.command()

@@ -27,10 +27,18 @@ from mergeme.config_checks import (
     text_bounds_issues,
 )
 from mergeme.errors import ConfigError
+from mergeme.merge.defaults import (
+    DEFAULT_SEED,
+    DEFAULT_TIES_AGREEMENT,
+    PAPER_DENSITY,
+    PAPER_SCALE,
+    TiesAgreement,
+)
 
 TrunkMethodName = Literal["base", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 RouterMethodName = Literal["centroid", "random", "ppl_probe", "finetune", "ppl_sequence"]
 DTypeName = Literal["float32", "bfloat16", "float16"]
+OutputDTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 SharedExpertMode = Literal["zero", "base_ffn"]
 # the float safetensors dtypes the merge can read (integer and 8-bit float weights cannot be
 # averaged without their quantisation scales)
@@ -98,14 +106,19 @@ class BaseModelConfig(StrictModel):
 
 
 class MergeConfig(StrictModel):
+    # the trunk methods' defaults are those of their registry (mergeme.merge.defaults)
     trunk_method: TrunkMethodName = "average"
-    density: float = Field(0.8, gt=0.0, le=1.0, description="Share of each task vector kept.")
-    scale: float = Field(1 / 3, gt=0.0, description="λ multiplying the merged task vector.")
-    ties_agreement: Literal["sum", "mean"] = "sum"
+    density: float = Field(
+        PAPER_DENSITY, gt=0.0, le=1.0, description="Share of each task vector kept."
+    )
+    scale: float = Field(PAPER_SCALE, gt=0.0, description="λ multiplying the merged task vector.")
+    ties_agreement: TiesAgreement = DEFAULT_TIES_AGREEMENT
     expert_weights: list[float] | None = None
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     experts_per_token: int = Field(2, ge=1)
-    output_dtype: DTypeName = "float32"
+    output_dtype: OutputDTypeName = Field(
+        "auto", description="dtype of the MoE's weights; 'auto': the dtype the base stores."
+    )
     max_shard_size: int = Field(2 * 1024**3, ge=1024, description="Bytes per output shard.")
     shared_expert: SharedExpertMode = Field(
         "zero",

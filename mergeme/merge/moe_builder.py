@@ -12,22 +12,29 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mergeme.checkpoint import Checkpoint, compare_tensors
+import torch
+
+from mergeme.checkpoint import SAFETENSORS_DTYPES, Checkpoint, compare_tensors
 from mergeme.config import MergeConfig
-from mergeme.errors import CheckpointError
+from mergeme.errors import CheckpointError, ConfigError
 from mergeme.io.atomic import atomic_folder
 from mergeme.io.safetensors_writer import CheckpointWriter
-from mergeme.merge.families import architecture_for
+from mergeme.merge.families import architecture_for, normalise_dense_config
 from mergeme.merge.plan import plan_merge, trunk_parameters
 from mergeme.merge.streaming import run_jobs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MergeReport", "build_moe", "check_same_tensors", "trunk_parameters"]
+__all__ = [
+    "MergeReport",
+    "build_moe",
+    "check_expert_weights",
+    "check_same_tensors",
+    "trunk_parameters",
+]
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -68,6 +75,30 @@ def check_same_tensors(base: Checkpoint, experts: list[Checkpoint]) -> None:
         )
 
 
+def check_expert_weights(settings: MergeConfig, num_experts: int) -> None:
+    """Raise ConfigError unless ``merge.expert_weights`` is unset or has one weight per expert."""
+    weights = settings.expert_weights
+    if weights is not None and len(weights) != num_experts:
+        raise ConfigError(
+            f"merge.expert_weights has {len(weights)} weights for {num_experts} experts; give "
+            "one weight per expert, in the order of `experts`, or leave it out for equal weights"
+        )
+
+
+# the dtype names output_dtype may take, by torch dtype
+OUTPUT_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def resolved_output_dtype(settings: MergeConfig, base: Checkpoint) -> str:
+    """``merge.output_dtype``, with ``auto`` replaced by the dtype the base stores its
+    embedding in (float32 if that is not a float32, bfloat16 or float16)."""
+    if settings.output_dtype != "auto":
+        return settings.output_dtype
+    embedding = next((n for n in base.tensor_names() if n.endswith("embed_tokens.weight")), None)
+    stored = SAFETENSORS_DTYPES[base.dtype_name(embedding)] if embedding else torch.float32
+    return OUTPUT_DTYPES.get(stored, "float32")
+
+
 def build_moe(
     base: Checkpoint,
     experts: list[Checkpoint],
@@ -77,26 +108,32 @@ def build_moe(
 ) -> MergeReport:
     """Merge dense ``experts`` (fine-tunes of ``base``) into an MoE checkpoint at ``out``.
 
+    Every check runs before ``out`` (or its temporary sibling) is created.
+
     Returns:
         A MergeReport describing what was written.
 
     Raises:
         UnsupportedArchitectureError: no MoE family serves the base's architecture.
         CheckpointError: an expert's tensors differ from the base's.
+        ConfigError: ``merge.expert_weights`` does not have one weight per expert.
         FileExistsError: ``out`` exists and ``overwrite`` is false.
     """
-    architecture = architecture_for(base.config)
+    dense_config = normalise_dense_config(base.config)
+    architecture = architecture_for(dense_config)
+    settings = settings.model_copy(update={"output_dtype": resolved_output_dtype(settings, base)})
     check_same_tensors(base, experts)
+    check_expert_weights(settings, len(experts))
     if len(experts) & (len(experts) - 1):
         logger.warning(
             "%d experts is not a power of two; llama.cpp and some servers expect 2, 4 or 8",
             len(experts),
         )
-    jobs = plan_merge(base, experts, architecture, settings)
+    jobs = plan_merge(base, experts, architecture, settings, dense_config)
+    config = architecture.moe_config(dense_config, len(experts), settings)
+    config["dtype"] = settings.output_dtype
 
-    with atomic_folder(Path(out), overwrite=overwrite) as folder, ThreadPoolExecutor(1) as side:
-        # building the config imports transformers (seconds): let it overlap the tensor work
-        config_future = side.submit(architecture.moe_config, base.config, len(experts), settings)
+    with atomic_folder(Path(out), overwrite=overwrite) as folder:
         writer = CheckpointWriter(folder, [job.spec for job in jobs], settings.max_shard_size)
         try:
             run_jobs(jobs, writer)
@@ -105,8 +142,6 @@ def build_moe(
             raise
         writer.close()
 
-        config = config_future.result()
-        config["dtype"] = settings.output_dtype
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         for file in TOKENIZER_FILES:
             if (base.path / file).is_file():
@@ -122,6 +157,8 @@ def build_moe(
             total_bytes=writer.total_size,
         )
         provenance = {**asdict(report), "experts": [e.name for e in experts], "base": base.name}
+        if architecture.name == "qwen2_moe":
+            provenance["shared_expert"] = settings.shared_expert
         (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
     logger.info("wrote %s MoE with %d experts to %s", architecture.name, len(experts), out)
     return report

@@ -17,7 +17,8 @@ from mergeme.checkpoint import Checkpoint, TensorLocation
 from mergeme.config import MergeConfig
 from mergeme.io.safetensors_writer import TensorSpec
 from mergeme.merge.families import MoEArchitecture, is_dense_ffn
-from mergeme.merge.trunk_methods import TRUNK_METHODS, merge_trunk_tensor
+from mergeme.merge.flat import CheckpointSource
+from mergeme.merge.trunk_methods import TRUNK_METHODS, merge_trunk_sources
 
 GROUPS = ("trunk", "experts", "routers")
 
@@ -45,9 +46,7 @@ def trunk_parameters(settings: MergeConfig) -> dict:
         "ties_agreement": settings.ties_agreement,
         "seed": settings.seed,
     }
-    used = {key: values[key] for key in method.defaults if key in values}
-    if settings.trunk_method.startswith("dare"):
-        used["seed"] = settings.seed  # the drop masks depend on it
+    used = {key: values[key] for key in method.defaults}
     if settings.expert_weights is not None:
         used["expert_weights"] = list(settings.expert_weights)
     return used
@@ -81,10 +80,11 @@ def _trunk_jobs(
             continue
 
         def merge_one(name: str = name) -> torch.Tensor:
-            return merge_trunk_tensor(
+            # the copies are read range by range while merging, never whole
+            return merge_trunk_sources(
                 settings.trunk_method,
-                base.get(name) if method.needs_base else None,
-                [expert.get(name) for expert in experts],
+                CheckpointSource(base, name) if method.needs_base else None,
+                [CheckpointSource(expert, name) for expert in experts],
                 weights=settings.expert_weights,
                 tensor_name=name,
                 out_dtype=out_dtype,
@@ -96,13 +96,13 @@ def _trunk_jobs(
 
 
 def _router_jobs(
-    base: Checkpoint, num_experts: int, architecture: MoEArchitecture, settings: MergeConfig
+    dense_config: dict, num_experts: int, architecture: MoEArchitecture, settings: MergeConfig
 ) -> list[TensorJob]:
     out_dtype = getattr(torch, settings.output_dtype)
-    hidden = base.config["hidden_size"]
-    std = float(base.config.get("initializer_range", 0.02))
+    hidden = dense_config["hidden_size"]
+    std = float(dense_config["initializer_range"])
     jobs = []
-    for layer in range(base.config["num_hidden_layers"]):
+    for layer in range(dense_config["num_hidden_layers"]):
 
         def random_router(layer: int = layer) -> torch.Tensor:
             generator = torch.Generator().manual_seed(settings.seed * 100_003 + layer)
@@ -120,9 +120,11 @@ def plan_merge(
     experts: list[Checkpoint],
     architecture: MoEArchitecture,
     settings: MergeConfig,
+    dense_config: dict,
 ) -> list[TensorJob]:
     """Every output tensor of the MoE in write order: trunk, experts (with the family's extra
-    tensors), then routers last so that calibration rewrites only the final shard."""
+    tensors), then routers last so that calibration rewrites only the final shard.
+    ``dense_config`` is the base's normalised config (``normalise_dense_config``)."""
     out_dtype = getattr(torch, settings.output_dtype)
     jobs = _trunk_jobs(base, experts, settings, out_dtype)
 
@@ -133,7 +135,7 @@ def plan_merge(
             jobs.append(_copy_job(expert, name, target, "experts", out_dtype))
 
     # family extras (a shared expert): copies of base tensors, or zeros
-    for extra in architecture.extra_tensors(base.config, settings):
+    for extra in architecture.extra_tensors(dense_config, settings):
         if extra.copy_from is not None:
             jobs.append(_copy_job(base, extra.copy_from, extra.name, "experts", out_dtype))
         else:
@@ -142,4 +144,4 @@ def plan_merge(
                 TensorJob(spec, "experts", lambda s=spec: torch.zeros(s.shape, dtype=s.dtype))
             )
 
-    return jobs + _router_jobs(base, len(experts), architecture, settings)
+    return jobs + _router_jobs(dense_config, len(experts), architecture, settings)

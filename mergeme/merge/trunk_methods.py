@@ -2,10 +2,13 @@
 
 The trunk (embeddings, attention, norms, head) has one copy in the MoE, so each trunk tensor
 must be merged from the experts' copies. Every method here is a pure function of one tensor
-name's base and expert tensors; ``TRUNK_METHODS`` is the registry and ``merge_trunk_tensor`` the
-entry point that validates inputs and casts the result.
+name's base and expert copies; ``TRUNK_METHODS`` is the registry, ``merge_trunk_tensor`` (for
+tensors in memory) and ``merge_trunk_sources`` (for tensors read from checkpoints) the entry
+points that validate inputs and return the result in the requested dtype.
 
-A task vector is ``expert - base``. All arithmetic runs in float32.
+A task vector is ``expert - base``. All arithmetic runs in float32, chunk by chunk over the
+flattened tensor (``flat.py``): besides the output, no full-size float32 tensor is allocated,
+and only one expert's task vector chunk exists at a time.
 """
 
 from __future__ import annotations
@@ -13,18 +16,32 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from mergeme.merge.sparsify import derive_seed, drop_in_place, trim_in_place
+from mergeme.merge.defaults import (
+    DEFAULT_SEED,
+    DEFAULT_TIES_AGREEMENT,
+    PAPER_DENSITY,
+    PAPER_SCALE,
+    TRUNK_METHOD_DEFAULTS,
+    TiesAgreement,
+)
+from mergeme.merge.flat import FlatSource, TensorSource, chunk_ranges, numel_of, work_buffer
+from mergeme.merge.sparsify import DropMask, TrimRule, derive_seed, trim_rule
 
 logger = logging.getLogger(__name__)
 
-TiesAgreement = Literal["sum", "mean"]
-
-PAPER_DENSITY = 0.8
-PAPER_SCALE = 1 / 3
+__all__ = [
+    "PAPER_DENSITY",
+    "PAPER_SCALE",
+    "TRUNK_METHODS",
+    "TiesAgreement",
+    "TrunkMergeOptions",
+    "TrunkMethod",
+    "merge_trunk_sources",
+    "merge_trunk_tensor",
+]
 
 
 @dataclass(frozen=True)
@@ -42,9 +59,9 @@ class TrunkMergeOptions:
 class TrunkMethod:
     """One trunk merge method with its paper reference and default parameters.
 
-    ``merge(base, experts, weights, options)`` takes float32 tensors (``base`` may be None when
-    ``needs_base`` is false) and the weights as a list of floats, and returns a float32 tensor.
-    It owns ``experts`` and may overwrite them (to save memory); it never changes ``base``.
+    ``merge(base, experts, weights, options, out)`` reads the base's (None when ``needs_base``
+    is false) and the experts' copies chunk by chunk and writes every entry of ``out`` (1-D,
+    the output dtype).
     """
 
     name: str
@@ -52,197 +69,224 @@ class TrunkMethod:
     needs_base: bool
     defaults: dict[str, float | int | str]
     description: str
-    merge: Callable[..., torch.Tensor]
-    # True: ``merge`` takes the experts in their stored dtype and converts one at a time,
-    # never changing them (less memory); False: it takes float32 copies it may overwrite
-    streams_experts: bool = False
+    merge: Callable[..., None]
 
 
-def _merge_base(
-    base: torch.Tensor,
-    experts: list[torch.Tensor],
-    weights: list[float],
-    options: TrunkMergeOptions,
-) -> torch.Tensor:
-    return base.clone()
+# per-chunk building blocks: every buffer is a reused work buffer of chunk size
 
 
-def _merge_average(
-    base: torch.Tensor | None,
-    experts: list[torch.Tensor],
-    weights: list[float],
-    options: TrunkMergeOptions,
-) -> torch.Tensor:
-    total = torch.zeros(experts[0].shape, dtype=torch.float32)  # [*shape]
-    for w, expert in zip(weights, experts, strict=True):
-        total.add_(expert, alpha=w)  # bf16 or float32 in, float32 arithmetic
-    return total.div_(sum(weights))
+def _base_chunk(base: FlatSource, start: int, stop: int) -> torch.Tensor:
+    return work_buffer("base", stop - start).copy_(base.read(start, stop, "base"))  # [n] f32
 
 
-def _weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Σ wᵢ tensorᵢ in one new accumulator (no per-term temporaries)."""
-    total = torch.zeros_like(tensors[0])  # [*shape]
-    for w, tensor in zip(weights, tensors, strict=True):
-        total.add_(tensor, alpha=w)
-    return total
+def _task_vector(expert: FlatSource, base32: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    chunk = work_buffer("task_vector", stop - start)  # [n] f32
+    return chunk.copy_(expert.read(start, stop, "expert")).sub_(base32)
 
 
-def _task_vectors_in_place(base: torch.Tensor, experts: list[torch.Tensor]) -> list[torch.Tensor]:
-    # the experts are our own float32 copies: turn each into its task vector in place
-    return [expert.sub_(base) for expert in experts]
+def _merge_base(base, experts, weights, options, out: torch.Tensor) -> None:
+    for start, stop in chunk_ranges(out.numel()):
+        out[start:stop].copy_(_base_chunk(base, start, stop))
 
 
-def _task_vector(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-    return expert.to(torch.float32, copy=True).sub_(base)  # [*shape] float32
+def _merge_average(base, experts, weights, options, out: torch.Tensor) -> None:
+    total_weight = sum(weights)
+    for start, stop in chunk_ranges(out.numel()):
+        total = work_buffer("total", stop - start).zero_()  # [n] f32
+        converted = work_buffer("task_vector", stop - start)  # [n] f32
+        for w, expert in zip(weights, experts, strict=True):
+            # convert first: adding a bf16 tensor to a float32 one directly is ten times slower
+            total.add_(converted.copy_(expert.read(start, stop, "expert")), alpha=w)
+        out[start:stop].copy_(total.div_(total_weight))
 
 
-def _merge_task_arithmetic(
-    base: torch.Tensor,
-    experts: list[torch.Tensor],
-    weights: list[float],
-    options: TrunkMergeOptions,
-) -> torch.Tensor:
-    # one float32 task vector alive at a time
-    merged = torch.zeros(base.shape, dtype=torch.float32)  # [*shape]
-    for w, expert in zip(weights, experts, strict=True):
-        merged.add_(_task_vector(base, expert), alpha=w)
-    return merged.mul_(options.scale).add_(base)
+def _merge_task_arithmetic(base, experts, weights, options, out: torch.Tensor) -> None:
+    for start, stop in chunk_ranges(out.numel()):
+        base32 = _base_chunk(base, start, stop)
+        merged = work_buffer("total", stop - start).zero_()  # [n] f32
+        for w, expert in zip(weights, experts, strict=True):
+            merged.add_(_task_vector(expert, base32, start, stop), alpha=w)
+        out[start:stop].copy_(merged.mul_(options.scale).add_(base32))
 
 
-def _combine_by_elected_sign(
-    task_vectors: list[torch.Tensor], weights: list[float], agreement: TiesAgreement
-) -> torch.Tensor:
-    """Elect a sign per coordinate and combine the entries that agree with it; overwrites
-    the task vectors.
-
-    The elected sign is that of the weighted sum, i.e. the sign with the larger total
-    magnitude. Zero entries (sign 0) never match a nonzero elected sign; a coordinate whose
-    weighted sum is exactly zero elects sign 0, so only its zero entries match and it merges to 0.
-    """
-    elected = _weighted_sum(task_vectors, weights).sign_()  # [*shape] in {-1, 0, 1}
-
-    # tv * elected, clamped at 0, is |tv| where tv agrees with a nonzero elected sign, else 0
-    agreeing_sum = torch.zeros_like(elected)  # [*shape], magnitudes
-    agreeing_weight = torch.zeros_like(elected) if agreement == "mean" else None
-    for w, tv in zip(weights, task_vectors, strict=True):
-        agreeing = tv.mul_(elected).clamp_(min=0.0)
-        agreeing_sum.add_(agreeing, alpha=w)
-        if agreeing_weight is not None:
-            agreeing_weight.add_((agreeing > 0).to(agreeing_weight.dtype), alpha=w)
-    agreeing_sum.mul_(elected)  # magnitudes back to signed values
-
-    if agreeing_weight is None:
-        return agreeing_sum
-    # weighted mean; with unit weights this divides by the number of agreeing entries
-    has_agreement = agreeing_weight > 0
-    return torch.where(has_agreement, agreeing_sum / agreeing_weight.clamp_min(1e-30), 0.0)
+def _merge_dare_linear(base, experts, weights, options, out: torch.Tensor) -> None:
+    masks = _drop_masks(len(experts), options)
+    for start, stop in chunk_ranges(out.numel()):
+        base32 = _base_chunk(base, start, stop)
+        merged = work_buffer("total", stop - start).zero_()  # [n] f32
+        for w, expert, mask in zip(weights, experts, masks, strict=True):
+            task_vector = _task_vector(expert, base32, start, stop)
+            mask.apply(task_vector)
+            merged.add_(task_vector, alpha=w)
+        # the kept entries' 1/density rescale, folded into the final scale (one pass less)
+        out[start:stop].copy_(merged.mul_(options.scale / options.density).add_(base32))
 
 
-def _merge_ties(
-    base: torch.Tensor,
-    experts: list[torch.Tensor],
-    weights: list[float],
-    options: TrunkMergeOptions,
-) -> torch.Tensor:
-    task_vectors = _task_vectors_in_place(base, experts)
-    trimmed = [trim_in_place(tv, options.density) for tv in task_vectors]
-    merged = _combine_by_elected_sign(trimmed, weights, options.ties_agreement)
-    return merged.mul_(options.scale).add_(base)
-
-
-def _dropped_task_vectors(
-    base: torch.Tensor, experts: list[torch.Tensor], options: TrunkMergeOptions
-) -> list[torch.Tensor]:
+def _drop_masks(count: int, options: TrunkMergeOptions) -> list[DropMask]:
     # one generator per (seed, tensor, expert): the same bytes in any call order or thread
     return [
-        drop_in_place(tv, options.density, derive_seed(options.seed, options.tensor_name, index))
-        for index, tv in enumerate(_task_vectors_in_place(base, experts))
+        DropMask(options.density, derive_seed(options.seed, options.tensor_name, index))
+        for index in range(count)
     ]
 
 
-def _merge_dare_linear(
-    base: torch.Tensor,
-    experts: list[torch.Tensor],
-    weights: list[float],
-    options: TrunkMergeOptions,
-) -> torch.Tensor:
-    # one float32 task vector alive at a time
-    merged = torch.zeros(base.shape, dtype=torch.float32)  # [*shape]
-    for index, (w, expert) in enumerate(zip(weights, experts, strict=True)):
-        seed = derive_seed(options.seed, options.tensor_name, index)
-        merged.add_(drop_in_place(_task_vector(base, expert), options.density, seed), alpha=w)
-    return merged.mul_(options.scale).add_(base)
+class _SignElection:
+    """Per-chunk sums for TIES' sign election: Σ w·τ, Σ w·max(τ, 0), Σ w·min(τ, 0), and for
+    the mean the weights of the positive and of the negative entries.
+
+    The elected sign is that of Σ w·τ (the sign with the larger total magnitude). The entries
+    agreeing with a positive sign sum to the positive part, those agreeing with a negative sign
+    to the negative part, so no per-expert sign product is needed. A coordinate whose sum is
+    exactly zero elects no sign and merges to zero.
+    """
+
+    def __init__(self, numel: int, agreement: TiesAgreement):
+        self.mean = agreement == "mean"
+        names = ("total", "positive", "negative", "positive_weight", "negative_weight")
+        count = 5 if self.mean else 3
+        self.sums = [work_buffer(name, numel).zero_() for name in names[:count]]  # [n] f32 each
+
+    def add(self, task_vector: torch.Tensor, w: float) -> None:
+        part = work_buffer("part", task_vector.numel())  # [n] f32
+        self.sums[0].add_(task_vector, alpha=w)
+        self.sums[1].add_(torch.clamp(task_vector, min=0.0, out=part), alpha=w)
+        self.sums[2].add_(torch.clamp(task_vector, max=0.0, out=part), alpha=w)
+        if self.mean:
+            sign = work_buffer("sign", task_vector.numel(), torch.bool)  # [n]
+            self.sums[3].add_(torch.gt(task_vector, 0.0, out=sign), alpha=w)
+            self.sums[4].add_(torch.lt(task_vector, 0.0, out=sign), alpha=w)
+
+    def merged(self) -> torch.Tensor:
+        """The merged task vector chunk (float32 [n], a work buffer)."""
+        total = self.sums[0]
+        positive = torch.gt(total, 0.0, out=work_buffer("sign", total.numel(), torch.bool))
+        merged = torch.where(
+            positive, self.sums[1], self.sums[2], out=work_buffer("merged", total.numel())
+        )
+        if self.mean:
+            # weighted mean; with unit weights this divides by the number of agreeing entries
+            weight = torch.where(
+                positive, self.sums[3], self.sums[4], out=work_buffer("weight", total.numel())
+            )
+            merged.div_(weight.clamp_min_(1e-30))
+        return merged.masked_fill_(torch.eq(total, 0.0, out=positive), 0.0)
 
 
-def _merge_dare_ties(
-    base: torch.Tensor,
-    experts: list[torch.Tensor],
-    weights: list[float],
-    options: TrunkMergeOptions,
-) -> torch.Tensor:
-    dropped = _dropped_task_vectors(base, experts, options)
-    merged = _combine_by_elected_sign(dropped, weights, options.ties_agreement)
-    return merged.mul_(options.scale).add_(base)
+def _merge_by_elected_sign(base, experts, weights, options, out, sparsifiers, scale) -> None:
+    """Sparsify each task vector chunk in place (``sparsifiers[i](chunk, start)``), elect signs,
+    combine the agreeing entries, and write base + scale · merged."""
+    for start, stop in chunk_ranges(out.numel()):
+        base32 = _base_chunk(base, start, stop)
+        election = _SignElection(stop - start, options.ties_agreement)
+        for w, expert, sparsify in zip(weights, experts, sparsifiers, strict=True):
+            task_vector = _task_vector(expert, base32, start, stop)
+            sparsify(task_vector, start)
+            election.add(task_vector, w)
+        out[start:stop].copy_(election.merged().mul_(scale).add_(base32))
+
+
+def _trim_rules(
+    base: FlatSource, experts: list[FlatSource], density: float
+) -> list[TrimRule | None]:
+    """A first pass per expert: the exact magnitude threshold of its task vector."""
+    numel = numel_of(base.shape)
+    base_samples: dict[int, torch.Tensor] = {}
+    rules = []
+    for expert in experts:
+
+        def magnitudes(start: int, stop: int, expert: FlatSource = expert) -> torch.Tensor:
+            base32 = _base_chunk(base, start, stop)
+            return _task_vector(expert, base32, start, stop).abs_()  # [n] f32
+
+        def sample_at(stride: int, expert: FlatSource = expert) -> torch.Tensor:
+            # a float32 source's strided read is a view of the caller's tensor: never in place
+            if stride not in base_samples:
+                base_samples[stride] = base.read_strided(stride, "base").float()
+            expert_sample = expert.read_strided(stride, "expert").float()
+            return torch.sub(expert_sample, base_samples[stride]).abs_()
+
+        rules.append(trim_rule(magnitudes, sample_at, numel, density))
+    return rules
+
+
+def _merge_ties(base, experts, weights, options, out: torch.Tensor) -> None:
+    rules = _trim_rules(base, experts, options.density)
+
+    def trimmer(rule: TrimRule | None) -> Callable[[torch.Tensor, int], None]:
+        def trim(chunk: torch.Tensor, start: int) -> None:
+            if rule is not None:
+                magnitude = torch.abs(chunk, out=work_buffer("magnitude", chunk.numel()))
+                rule.apply(chunk, magnitude, start)
+
+        return trim
+
+    sparsifiers = [trimmer(rule) for rule in rules]
+    _merge_by_elected_sign(base, experts, weights, options, out, sparsifiers, options.scale)
+
+
+def _merge_dare_ties(base, experts, weights, options, out: torch.Tensor) -> None:
+    sparsifiers = [
+        lambda chunk, start, mask=mask: mask.apply(chunk)
+        for mask in _drop_masks(len(experts), options)
+    ]
+    # a common positive factor changes no elected sign: fold 1/density into the final scale
+    scale = options.scale / options.density
+    _merge_by_elected_sign(base, experts, weights, options, out, sparsifiers, scale)
 
 
 _TIES_REFERENCE = "Yadav et al. 2023, TIES-Merging, arXiv 2306.01708"
 _DARE_REFERENCE = "Yu et al. 2024, Language Models are Super Mario (DARE), arXiv 2311.03099"
-_SPARSE_DEFAULTS: dict[str, float | int | str] = {"density": PAPER_DENSITY, "scale": PAPER_SCALE}
+
+
+def _method(name: str, reference: str, description: str, merge: Callable[..., None]) -> TrunkMethod:
+    return TrunkMethod(
+        name=name,
+        reference=reference,
+        needs_base=name != "average",
+        defaults=dict(TRUNK_METHOD_DEFAULTS[name]),
+        description=description,
+        merge=merge,
+    )
+
 
 TRUNK_METHODS: dict[str, TrunkMethod] = {
     method.name: method
     for method in (
-        TrunkMethod(
-            name="base",
-            reference="Goddard et al. 2024, mergekit (mergekit-moe), arXiv 2403.13257",
-            needs_base=True,
-            defaults={},
-            description="Copy the base model's tensor; the experts' trunks are ignored.",
-            merge=_merge_base,
-            streams_experts=True,
+        _method(
+            "base",
+            "Goddard et al. 2024, mergekit (mergekit-moe), arXiv 2403.13257",
+            "Copy the base model's tensor; the experts' trunks are ignored.",
+            _merge_base,
         ),
-        TrunkMethod(
-            name="average",
-            reference="Sukhbaatar et al. 2024, Branch-Train-MiX, arXiv 2403.07816",
-            needs_base=False,
-            defaults={},
-            description="Weighted mean of the experts, normalised by the sum of the weights.",
-            merge=_merge_average,
-            streams_experts=True,
+        _method(
+            "average",
+            "Sukhbaatar et al. 2024, Branch-Train-MiX, arXiv 2403.07816",
+            "Weighted mean of the experts, normalised by the sum of the weights.",
+            _merge_average,
         ),
-        TrunkMethod(
-            name="task_arithmetic",
-            reference="Ilharco et al. 2023, Editing Models with Task Arithmetic, arXiv 2212.04089",
-            needs_base=True,
-            defaults={"scale": PAPER_SCALE},
-            description="base + scale * weighted sum of the task vectors.",
-            merge=_merge_task_arithmetic,
-            streams_experts=True,
+        _method(
+            "task_arithmetic",
+            "Ilharco et al. 2023, Editing Models with Task Arithmetic, arXiv 2212.04089",
+            "base + scale * weighted sum of the task vectors.",
+            _merge_task_arithmetic,
         ),
-        TrunkMethod(
-            name="ties",
-            reference=_TIES_REFERENCE,
-            needs_base=True,
-            defaults={**_SPARSE_DEFAULTS, "ties_agreement": "sum"},
-            description="Trim task vectors by magnitude, elect a sign, merge agreeing entries.",
-            merge=_merge_ties,
+        _method(
+            "ties",
+            _TIES_REFERENCE,
+            "Trim task vectors by magnitude, elect a sign, merge agreeing entries.",
+            _merge_ties,
         ),
-        TrunkMethod(
-            name="dare_linear",
-            reference=_DARE_REFERENCE,
-            needs_base=True,
-            defaults=dict(_SPARSE_DEFAULTS),
-            description="Randomly drop task-vector entries, rescale by 1/density, sum them.",
-            merge=_merge_dare_linear,
-            streams_experts=True,
+        _method(
+            "dare_linear",
+            _DARE_REFERENCE,
+            "Randomly drop task-vector entries, rescale by 1/density, sum them.",
+            _merge_dare_linear,
         ),
-        TrunkMethod(
-            name="dare_ties",
-            reference=f"{_DARE_REFERENCE}; sign election from {_TIES_REFERENCE}",
-            needs_base=True,
-            defaults={**_SPARSE_DEFAULTS, "ties_agreement": "sum"},
-            description="DARE's random drop and rescale, then TIES sign election and agreement.",
-            merge=_merge_dare_ties,
+        _method(
+            "dare_ties",
+            f"{_DARE_REFERENCE}; sign election from {_TIES_REFERENCE}",
+            "DARE's random drop and rescale, then TIES sign election and agreement.",
+            _merge_dare_ties,
         ),
     )
 }
@@ -250,8 +294,8 @@ TRUNK_METHODS: dict[str, TrunkMethod] = {
 
 def _check_inputs(
     method: TrunkMethod,
-    base: torch.Tensor | None,
-    experts: list[torch.Tensor],
+    base: FlatSource | None,
+    experts: list[FlatSource],
     weights: list[float],
     density: float,
     ties_agreement: str,
@@ -294,6 +338,47 @@ def _check_inputs(
         raise ValueError(f"{label}: ties_agreement {ties_agreement!r} is not one of 'sum', 'mean'")
 
 
+def merge_trunk_sources(
+    method: str,
+    base: FlatSource | None,
+    experts: list[FlatSource],
+    *,
+    weights: list[float] | None = None,
+    density: float = PAPER_DENSITY,
+    scale: float = PAPER_SCALE,
+    ties_agreement: TiesAgreement = DEFAULT_TIES_AGREEMENT,
+    seed: int = DEFAULT_SEED,
+    tensor_name: str = "",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge one trunk tensor from the base's and the experts' copies, read chunk by chunk.
+
+    Takes the same arguments as ``merge_trunk_tensor``, with ``FlatSource`` copies instead of
+    tensors (``CheckpointSource`` reads them from checkpoint files). Returns a new CPU tensor
+    of the inputs' shape in ``out_dtype``; raises what ``merge_trunk_tensor`` raises.
+    """
+    if method not in TRUNK_METHODS:
+        raise ValueError(
+            f"unknown trunk merge method {method!r} for tensor {tensor_name!r}; "
+            f"known methods: {', '.join(TRUNK_METHODS)}"
+        )
+    entry = TRUNK_METHODS[method]
+    weights = [1.0] * len(experts) if weights is None else [float(w) for w in weights]
+    _check_inputs(entry, base, experts, weights, density, ties_agreement, tensor_name)
+    if entry.name.startswith("dare") and not tensor_name:
+        logger.warning(
+            "dare merge without a tensor_name: every unnamed tensor of one shape gets the same "
+            "drop mask; pass the tensor's name"
+        )
+
+    options = TrunkMergeOptions(density, scale, ties_agreement, seed, tensor_name)
+    reference = base if base is not None else experts[0]
+    out = torch.empty(reference.shape, dtype=out_dtype or reference.dtype)  # [*shape]
+    entry.merge(base, experts, weights, options, out.view(-1))
+    logger.debug("merged trunk tensor %s with %s", tensor_name, method)
+    return out
+
+
 def merge_trunk_tensor(
     method: str,
     base: torch.Tensor | None,
@@ -302,8 +387,8 @@ def merge_trunk_tensor(
     weights: list[float] | None = None,
     density: float = PAPER_DENSITY,
     scale: float = PAPER_SCALE,
-    ties_agreement: TiesAgreement = "sum",
-    seed: int = 0,
+    ties_agreement: TiesAgreement = DEFAULT_TIES_AGREEMENT,
+    seed: int = DEFAULT_SEED,
     tensor_name: str = "",
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -323,37 +408,21 @@ def merge_trunk_tensor(
         out_dtype: dtype of the result; None means the base's dtype, or expert 0's without base.
 
     Returns:
-        A new tensor of the inputs' shape, on their device, in ``out_dtype``.
+        A new CPU tensor of the inputs' shape in ``out_dtype``; the inputs are not changed.
 
     Raises:
         ValueError: unknown method, missing base, mismatched shapes, wrong number of weights,
             negative weights, density outside (0, 1] or an unknown ties_agreement.
     """
-    if method not in TRUNK_METHODS:
-        raise ValueError(
-            f"unknown trunk merge method {method!r} for tensor {tensor_name!r}; "
-            f"known methods: {', '.join(TRUNK_METHODS)}"
-        )
-    entry = TRUNK_METHODS[method]
-    weights = [1.0] * len(experts) if weights is None else [float(w) for w in weights]
-    _check_inputs(entry, base, experts, weights, density, ties_agreement, tensor_name)
-
-    if entry.name.startswith("dare") and not tensor_name:
-        logger.warning(
-            "dare merge without a tensor_name: every unnamed tensor of one shape gets the same "
-            "drop mask; pass the tensor's name"
-        )
-    options = TrunkMergeOptions(density, scale, ties_agreement, seed, tensor_name)
-
-    # float32 arithmetic whatever the stored dtype; the merge functions may overwrite
-    # experts32 when they are fresh copies, but never base32 (may be the caller's tensor)
-    base32 = base.float() if base is not None else None
-    if entry.streams_experts:
-        experts32 = experts
-    else:
-        experts32 = [expert.to(torch.float32, copy=True) for expert in experts]
-    merged = entry.merge(base32, experts32, weights, options)  # [*shape] float32
-
-    result_dtype = out_dtype or (base.dtype if base is not None else experts[0].dtype)
-    logger.debug("merged trunk tensor %s with %s", tensor_name, method)
-    return merged.to(result_dtype)
+    return merge_trunk_sources(
+        method,
+        TensorSource(base) if base is not None else None,
+        [TensorSource(expert) for expert in experts],
+        weights=weights,
+        density=density,
+        scale=scale,
+        ties_agreement=ties_agreement,
+        seed=seed,
+        tensor_name=tensor_name,
+        out_dtype=out_dtype,
+    )

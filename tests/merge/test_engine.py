@@ -14,8 +14,9 @@ from mergeme.config import MergeConfig
 from mergeme.errors import CheckpointError
 from mergeme.merge.moe_builder import build_moe
 from mergeme.merge.plan import trunk_parameters
-from mergeme.merge.trunk_methods import TRUNK_METHODS
+from mergeme.merge.trunk_methods import TRUNK_METHODS, merge_trunk_tensor
 from tests.factories import perturbed, random_llama, tiny_llama_config
+from tests.merge.plain_merges import plain_merge
 
 Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
 
@@ -56,21 +57,25 @@ def test_every_trunk_method_merges_in_float32_and_writes_the_requested_dtype(
 
     assert {tensor.dtype for tensor in written.values()} == {torch.bfloat16}
     base, experts = _open(family)
-    expert_q = torch.stack([e.get(Q_PROJ) for e in experts])  # (experts, out, in) float32
+    expert_q = [e.get(Q_PROJ) for e in experts]  # float32 (out, in) each
     base_q = base.get(Q_PROJ)
     if method == "base":
         expected = base_q
     elif method == "average":
-        expected = expert_q.mean(0)
+        expected = torch.stack(expert_q).mean(0)
     elif method == "task_arithmetic":
-        expected = base_q + (expert_q - base_q).sum(0) / 3
-    else:  # the sparse methods: a float32 merge rounded once moves towards the experts
-        expected = None
-    if expected is not None:
-        assert torch.equal(written[Q_PROJ], expected.to(torch.bfloat16))
-    else:
-        change = (written[Q_PROJ].float() - base_q).abs().mean()
-        assert 0 < change < (expert_q - base_q).abs().mean()
+        expected = base_q + (torch.stack(expert_q) - base_q).sum(0) / 3
+    else:  # the sparse methods, written out plainly in float64 with the paper's defaults
+        settings = dict(weights=None, density=0.8, scale=1 / 3, agreement="sum", seed=3)
+        expected = plain_merge(method, base_q, expert_q, name=Q_PROJ, **settings)
+    # one bfloat16 rounding apart at most (float32 here, float64 in the plain version)
+    torch.testing.assert_close(written[Q_PROJ].float(), expected.float(), rtol=2**-8, atol=1e-6)
+
+    # the engine reads its inputs from the files, chunk by chunk: the same bytes as in memory
+    in_memory = merge_trunk_tensor(
+        method, base_q, expert_q, seed=3, tensor_name=Q_PROJ, out_dtype=torch.bfloat16
+    )
+    assert torch.equal(written[Q_PROJ], in_memory)
     assert report.trunk_method == method
 
 
@@ -177,3 +182,18 @@ def test_a_pickle_that_is_not_plain_weights_is_refused_even_when_allowed(family,
 
     with pytest.raises(CheckpointError, match="cannot be loaded with weights_only=True"):
         Checkpoint(folder, allow_pickle=True)
+
+
+def test_output_dtype_auto_keeps_the_base_dtype(tmp_path):
+    dense = random_llama(tiny_llama_config(), seed=6).to(torch.bfloat16)
+    dense.save_pretrained(tmp_path / "dense")
+    checkpoint = Checkpoint(tmp_path / "dense")
+
+    build_moe(checkpoint, [checkpoint, checkpoint], tmp_path / "moe", MergeConfig(seed=1))
+
+    assert MergeConfig().output_dtype == "auto"
+    assert {t.dtype for t in _weights(tmp_path / "moe").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["dtype"] == "bfloat16"
+    # the routed experts are byte copies of the bfloat16 inputs
+    size = sum(f.stat().st_size for f in (tmp_path / "moe").glob("*.safetensors"))
+    assert size < 2 * sum(f.stat().st_size for f in (tmp_path / "dense").glob("*.safetensors"))

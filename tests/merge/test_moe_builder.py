@@ -10,9 +10,12 @@ from transformers import AutoModelForCausalLM
 
 from mergeme.checkpoint import Checkpoint
 from mergeme.config import MergeConfig
-from mergeme.errors import CheckpointError, UnsupportedArchitectureError
+from mergeme.errors import CheckpointError, ConfigError, UnsupportedArchitectureError
 from mergeme.merge.moe_builder import build_moe
 from tests.factories import perturbed, random_llama, tiny_llama_config
+from tests.merge.moe_reference import reference_logits, written_routers
+
+MIXTRAL_ROUTER = "model.layers.{layer}.block_sparse_moe.gate.weight"
 
 
 def _save(model, folder):
@@ -42,33 +45,6 @@ def test_identical_experts_reproduce_the_dense_model(tmp_path):
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def _reference_logits(dense_models, moe, ids, top_k):
-    """Run the MoE by hand: merged trunk from the MoE, each expert's FFN from its own dense
-    model, routing computed here from the MoE's router weights."""
-    base = moe.model
-    hidden = base.embed_tokens(ids)  # (batch, tokens, hidden)
-    positions = torch.arange(ids.shape[1]).unsqueeze(0)
-    position_embeddings = base.rotary_emb(hidden, positions)
-    mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
-    for index, layer in enumerate(base.layers):
-        attn_in = layer.input_layernorm(hidden)
-        attn_out, _ = layer.self_attn(attn_in, position_embeddings, mask)
-        hidden = hidden + attn_out
-        normed = layer.post_attention_layernorm(hidden)  # (batch, tokens, hidden)
-        logits = normed @ layer.mlp.gate.weight.T  # (batch, tokens, experts)
-        probs = logits.softmax(-1)
-        top, chosen = probs.topk(top_k, dim=-1)
-        top = top / top.sum(-1, keepdim=True)
-        mixed = torch.zeros_like(hidden)
-        for slot in range(top_k):
-            for expert, dense in enumerate(dense_models):
-                ffn_out = dense.model.layers[index].mlp(normed)
-                picked = (chosen[..., slot] == expert).unsqueeze(-1)
-                mixed = mixed + picked * top[..., slot : slot + 1] * ffn_out
-        hidden = hidden + mixed
-    return moe.lm_head(base.norm(hidden))
-
-
 def test_distinct_experts_match_a_hand_routed_reference(tmp_path):
     base_model = random_llama(tiny_llama_config(), seed=2)
     experts = [perturbed(base_model, seed=20 + i, scale=0.2) for i in range(3)]
@@ -78,12 +54,11 @@ def test_distinct_experts_match_a_hand_routed_reference(tmp_path):
     build_moe(base, checkpoints, tmp_path / "moe", MergeConfig(trunk_method="average", seed=5))
     moe, _ = _load(tmp_path / "moe")
 
-    # the trunk is the plain average of the experts
-    expected_q = torch.stack([m.model.layers[1].self_attn.q_proj.weight for m in experts]).mean(0)
-    torch.testing.assert_close(moe.model.layers[1].self_attn.q_proj.weight, expected_q)
+    # the reference has its own averaged trunk; only the random routers come from the output
+    routers = written_routers(tmp_path / "moe", MIXTRAL_ROUTER, num_layers=2)
     ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        expected = _reference_logits(experts, moe, ids, top_k=2)
+        expected = reference_logits(experts, routers, ids, top_k=2)
         torch.testing.assert_close(moe(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -109,15 +84,15 @@ def test_a_failed_merge_leaves_no_output_folder(tmp_path, monkeypatch):
     checkpoint = _save(dense, tmp_path / "dense")
 
     calls = {"count": 0}
-    original = Checkpoint.get
+    original = Checkpoint.read_range
 
-    def failing_get(self, name):
+    def failing_read(self, *args):
         calls["count"] += 1
         if calls["count"] == 5:
             raise KeyboardInterrupt  # a Ctrl-C in the middle of the merge
-        return original(self, name)
+        return original(self, *args)
 
-    monkeypatch.setattr(Checkpoint, "get", failing_get)
+    monkeypatch.setattr(Checkpoint, "read_range", failing_read)
     with pytest.raises(KeyboardInterrupt):
         build_moe(checkpoint, [checkpoint, checkpoint], tmp_path / "moe", MergeConfig())
     assert list(tmp_path.iterdir()) == [tmp_path / "dense"]
@@ -130,6 +105,15 @@ def test_an_expert_with_other_shapes_is_refused_naming_the_tensor(tmp_path):
     with pytest.raises(CheckpointError, match=r"'wide'.*mlp\.(down|gate|up)_proj"):
         build_moe(base, [base, wide], tmp_path / "moe", MergeConfig())
     assert not (tmp_path / "moe").exists()
+
+
+def test_expert_weights_of_the_wrong_length_are_refused_before_any_output(tmp_path):
+    base = _save(random_llama(tiny_llama_config(), seed=8), tmp_path / "base")
+    settings = MergeConfig(trunk_method="ties", expert_weights=[1.0, 2.0, 3.0])
+
+    with pytest.raises(ConfigError, match=r"merge\.expert_weights has 3 weights for 2 experts"):
+        build_moe(base, [base, base], tmp_path / "moe", settings)
+    assert list(tmp_path.iterdir()) == [tmp_path / "base"]
 
 
 def test_an_unsupported_architecture_is_refused_listing_the_supported(tmp_path):

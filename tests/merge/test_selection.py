@@ -32,3 +32,14 @@ def test_trim_keeps_exactly_the_count_with_ties_broken_by_flat_index():
     expected = torch.zeros(task_vector.numel())
     expected[order] = task_vector.flatten()[order]
     assert torch.equal(trimmed.flatten(), expected)
+
+
+def test_a_bracket_that_misses_falls_back_to_the_full_selection(monkeypatch):
+    from mergeme.merge import sparsify
+
+    # no margin: the bracket is one sample value, so the rank almost surely lies outside it
+    monkeypatch.setattr(sparsify, "SAMPLE_MARGIN", 0)
+    generator = torch.Generator().manual_seed(4)
+    values = torch.randn(2 * SMALL_SELECTION + 5, generator=generator)
+    for rank in (1, 12345, values.numel() // 2, values.numel()):
+        assert kth_smallest(values, rank) == torch.kthvalue(values, rank).values

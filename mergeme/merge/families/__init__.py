@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mergeme.errors import UnsupportedArchitectureError
 from mergeme.merge.families.common import DENSE_FFN, ExtraTensor, MoEArchitecture
+from mergeme.merge.families.dense_config import normalise_dense_config
 from mergeme.merge.families.mixtral import MixtralArchitecture
 from mergeme.merge.families.qwen import Qwen2MoeArchitecture, Qwen3MoeArchitecture
 
@@ -18,6 +19,7 @@ __all__ = [
     "architecture_for",
     "architecture_for_moe",
     "is_dense_ffn",
+    "normalise_dense_config",
     "supported_architectures",
 ]
 
@@ -33,11 +35,13 @@ def supported_architectures() -> str:
 
 
 def architecture_for(dense_config: dict) -> MoEArchitecture:
-    """The MoE family that serves experts of this dense config.
+    """The MoE family that serves experts of this dense config (raw ``config.json`` contents
+    or already normalised).
 
     Raises:
         UnsupportedArchitectureError: no family accepts it; the message lists what is supported.
     """
+    dense_config = normalise_dense_config(dense_config)
     model_type = dense_config.get("model_type")
     reasons = []
     for architecture in ARCHITECTURES.values():

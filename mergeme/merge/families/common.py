@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from mergeme.merge.families.dense_config import LAYER_TYPES
+
 if TYPE_CHECKING:
     from mergeme.config import MergeConfig
 
@@ -38,7 +40,8 @@ class MoEArchitecture(Protocol):
         ...
 
     def moe_config(self, dense_config: dict, num_experts: int, settings: MergeConfig) -> dict:
-        """The MoE ``config.json`` contents."""
+        """The MoE ``config.json`` contents, built from the normalised dense config without
+        transformers' config classes (importing them costs about a second)."""
         ...
 
     def expert_tensor_name(self, dense_name: str, expert: int) -> str:
@@ -70,7 +73,7 @@ def carry(dense_config: dict, keys: tuple[str, ...]) -> dict:
     return {key: dense_config[key] for key in keys if key in dense_config}
 
 
-# config keys every family copies from the dense experts
+# config keys every family copies from the (normalised) dense config
 COMMON_KEYS = (
     "vocab_size",
     "hidden_size",
@@ -92,7 +95,12 @@ COMMON_KEYS = (
 
 
 def common_unsupported_reason(dense_config: dict) -> str | None:
-    """Refusals shared by every family: FFN biases and activations other than silu."""
+    """Refusals shared by every family: FFN biases, activations other than silu, and rope
+    settings that differ per layer type. ``dense_config`` is normalised
+    (``normalise_dense_config``)."""
+    rope = dense_config.get("rope_parameters") or {}
+    if any(key in LAYER_TYPES for key in rope):
+        return "rope_parameters differ per layer type, and the MoE families use one rope"
     if dense_config.get("mlp_bias"):
         return "mlp_bias is true, and the MoE experts have no bias"
     if dense_config.get("hidden_act", "silu") != "silu":

@@ -34,18 +34,18 @@ class MixtralArchitecture:
         return common_unsupported_reason(dense_config)
 
     def moe_config(self, dense_config: dict, num_experts: int, settings: MergeConfig) -> dict:
-        from transformers import MixtralConfig
-
-        carried = carry(dense_config, (*COMMON_KEYS, "intermediate_size", "sliding_window"))
-        config = MixtralConfig(
-            **carried,
-            num_local_experts=num_experts,
-            num_experts_per_tok=settings.experts_per_token,
-            router_aux_loss_coef=ROUTER_AUX_LOSS_COEF,
-            output_router_logits=False,
-            architectures=["MixtralForCausalLM"],
-        )
-        return config.to_dict()
+        # Llama attends fully; Mistral slides one window over every layer (or none)
+        mistral = dense_config["model_type"] == "mistral"
+        return {
+            **carry(dense_config, (*COMMON_KEYS, "intermediate_size")),
+            "model_type": self.name,
+            "architectures": ["MixtralForCausalLM"],
+            "sliding_window": dense_config.get("sliding_window") if mistral else None,
+            "num_local_experts": num_experts,
+            "num_experts_per_tok": settings.experts_per_token,
+            "router_aux_loss_coef": ROUTER_AUX_LOSS_COEF,
+            "output_router_logits": False,
+        }
 
     def expert_tensor_name(self, dense_name: str, expert: int) -> str:
         layer, projection = dense_ffn_parts(dense_name)

@@ -69,29 +69,25 @@ class Qwen2MoeArchitecture:
         return common_unsupported_reason(dense_config)
 
     def moe_config(self, dense_config: dict, num_experts: int, settings: MergeConfig) -> dict:
-        from transformers import Qwen2MoeConfig
-
-        carried = carry(
-            dense_config,
-            (*COMMON_KEYS, "use_sliding_window", "sliding_window", "max_window_layers"),
-        )
-        # Qwen2-MoE's default sliding pattern differs from Qwen2's: pass the layers explicitly
-        carried["layer_types"] = dense_config.get("layer_types") or ["full_attention"] * int(
-            dense_config["num_hidden_layers"]
-        )
+        # Qwen2-MoE derives its sliding layers differently from Qwen2: pass them explicitly
+        layer_types = dense_config["layer_types"]
+        sliding = "sliding_attention" in layer_types
         shared_width = (
             dense_config["intermediate_size"]
             if settings.shared_expert == "base_ffn"
             else ZERO_SHARED_WIDTH
         )
-        config = Qwen2MoeConfig(
-            **carried,
+        return {
+            **carry(dense_config, COMMON_KEYS),
             **_moe_fields(dense_config, num_experts, settings),
-            shared_expert_intermediate_size=shared_width,
-            qkv_bias=True,  # Qwen2 always has q/k/v biases (no o bias)
-            architectures=["Qwen2MoeForCausalLM"],
-        )
-        return config.to_dict()
+            "model_type": self.name,
+            "architectures": ["Qwen2MoeForCausalLM"],
+            "layer_types": layer_types,
+            "use_sliding_window": sliding,
+            "sliding_window": dense_config["sliding_window"] if sliding else None,
+            "shared_expert_intermediate_size": shared_width,
+            "qkv_bias": True,  # Qwen2 always has q/k/v biases (no o bias)
+        }
 
     def expert_tensor_name(self, dense_name: str, expert: int) -> str:
         return _expert_name(dense_name, expert)
@@ -132,7 +128,7 @@ class Qwen3MoeArchitecture:
     def unsupported_reason(self, dense_config: dict) -> str | None:
         if dense_config.get("model_type") not in self.dense_model_types:
             return f"model_type {dense_config.get('model_type')!r} is not qwen3"
-        layer_types = set(dense_config.get("layer_types") or ["full_attention"])
+        layer_types = set(dense_config["layer_types"])
         if len(layer_types) > 1:
             return (
                 "sliding-window attention on only some layers (layer_types mixes "
@@ -141,20 +137,16 @@ class Qwen3MoeArchitecture:
         return common_unsupported_reason(dense_config)
 
     def moe_config(self, dense_config: dict, num_experts: int, settings: MergeConfig) -> dict:
-        from transformers import Qwen3MoeConfig
-
-        carried = carry(
-            dense_config, (*COMMON_KEYS, "attention_bias", "sliding_window", "max_window_layers")
-        )
         # Qwen3-MoE windows every layer or none; unsupported_reason refused a mix
-        layer_types = dense_config.get("layer_types") or ["full_attention"]
-        carried["use_sliding_window"] = layer_types[0] == "sliding_attention"
-        config = Qwen3MoeConfig(
-            **carried,
+        sliding = dense_config["layer_types"][0] == "sliding_attention"
+        return {
+            **carry(dense_config, (*COMMON_KEYS, "attention_bias")),
             **_moe_fields(dense_config, num_experts, settings),
-            architectures=["Qwen3MoeForCausalLM"],
-        )
-        return config.to_dict()
+            "model_type": self.name,
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "use_sliding_window": sliding,
+            "sliding_window": dense_config["sliding_window"] if sliding else None,
+        }
 
     def expert_tensor_name(self, dense_name: str, expert: int) -> str:
         return _expert_name(dense_name, expert)
