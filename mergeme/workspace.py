@@ -19,7 +19,7 @@ def workspace_root(explicit: str | Path | None = None) -> Path:
 
 def tool_environment(root: Path) -> dict[str, str]:
     """Environment variables that keep MLflow, Prefect, DVC, GX and HF inside ``root``, stop
-    their telemetry and MLflow's artifact progress bars."""
+    their telemetry, and MLflow's and transformers' per-file progress bars."""
     return {
         WORKSPACE_ENV: str(root),
         "DO_NOT_TRACK": "true",
@@ -29,6 +29,8 @@ def tool_environment(root: Path) -> dict[str, str]:
         "DVC_NO_ANALYTICS": "1",
         "GX_ANALYTICS_ENABLED": "false",
         "HF_HUB_DISABLE_TELEMETRY": "1",
+        # transformers' "Loading weights" bars follow this too: one per model load is noise
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_HOME": str(root / "prefect"),
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "prefect" / "results"),
