@@ -171,7 +171,7 @@ def log_data_inputs(inputs: list[DataInput]) -> None:
         dataset = mlflow.data.from_pandas(
             pd.concat(frames, ignore_index=True),
             source=_local_source(source),
-            name=f"{item.name}-{item.split}",
+            name=f"{source.name}-{item.split}",  # e.g. demo-calibration
             digest=item.digest,
         )
         mlflow.log_input(dataset, context=item.name, tags=item.tags)
