@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from mergeme.config import load_config
+from mergeme.pipeline import now_ms
 from mergeme.registry.store import connect
 from mergeme.report import release_summary
 from mergeme.workspace import workspace_root
@@ -21,6 +22,7 @@ from tasks.workspace import clean_workspace
 @flow(name="mergeme-pipeline", log_prints=True)
 def merge_pipeline(config_path: str, workspace: str | None = None) -> dict:
     """Run every step for the config at ``config_path``; returns the steps' outputs."""
+    started_ms = now_ms()  # steps that ran before this are reused from an earlier run
     config = load_config(config_path)
     root = workspace_root(workspace)
     connect(config.registry.tracking_uri, root)
@@ -33,7 +35,15 @@ def merge_pipeline(config_path: str, workspace: str | None = None) -> dict:
     calibrated = calibrate_routes(config, merged, root, fetched)
     evaluation = evaluate_models(config, calibrated, fetched, report_dir / "evaluation", root)
     release = register_moe(
-        config, Path(config_path), root, fetched, validation, merged, calibrated, evaluation
+        config,
+        Path(config_path),
+        root,
+        fetched,
+        validation,
+        merged,
+        calibrated,
+        evaluation,
+        started_ms,
     )
     # what a scheduled run did, in the flow run's logs (the CLI prints the full report)
     get_run_logger().info(release_summary(release))

@@ -10,9 +10,12 @@ a new one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -39,6 +42,25 @@ from mergeme.validation.step import log_failed_validation, run_validation
 logger = logging.getLogger(__name__)
 
 
+def now_ms() -> int:
+    """The wall clock in epoch milliseconds, as MLflow records run times."""
+    return int(time.time() * 1000)
+
+
+def timed_step(step: Callable[..., dict]) -> Callable[..., dict]:
+    """Add ``timing: {started_ms, finished_ms}`` to a step's output. A result reused from the
+    Prefect cache keeps the times of the run that computed it, which is how the register step
+    tells a reused step from one that ran (see ``step_records``)."""
+
+    @functools.wraps(step)
+    def run(*args, **kwargs) -> dict:
+        started = now_ms()
+        result = step(*args, **kwargs)
+        return {**result, "timing": {"started_ms": started, "finished_ms": now_ms()}}
+
+    return run
+
+
 def fetch_step(config: PipelineConfig, workspace: Path) -> list[dict]:
     """Resolve the base and every expert to a local folder with its content hashes (files
     unchanged since an earlier run are not read again)."""
@@ -53,6 +75,7 @@ def fetch_step(config: PipelineConfig, workspace: Path) -> list[dict]:
     return [asdict(item) for item in fetched]
 
 
+@timed_step
 def validate_step(
     fetched: list[dict],
     report_dir: Path,
@@ -75,6 +98,7 @@ def validate_step(
     return asdict(report)
 
 
+@timed_step
 def merge_step(config: PipelineConfig, fetched: list[dict], workspace: Path) -> dict:
     """Build the MoE (or reuse the one already built from the same inputs and settings)."""
     key = versioning.merge_fingerprint(config, fetched)
@@ -109,6 +133,7 @@ def _texts_by_domain(
     }
 
 
+@timed_step
 def calibrate_step(
     config: PipelineConfig, merged: dict, workspace: Path, fetched: list[dict] | None = None
 ) -> dict:
@@ -146,6 +171,7 @@ def calibrate_step(
     return {**asdict(report), "key": key}
 
 
+@timed_step
 def evaluate_step(
     config: PipelineConfig,
     calibrated: dict,
@@ -215,10 +241,14 @@ def register_step(
     evaluation: dict,
     flow_run_id: str | None,
     deployment_id: str | None = None,
+    pipeline_started_ms: int | None = None,
 ) -> dict:
     """Log the run and register the MoE as a new version with its lineage and alias; when a
     version with the same input fingerprint exists, register nothing and return that one
     (``created`` tells which), finishing it first if its registration was interrupted.
+
+    ``pipeline_started_ms`` (when the pipeline run began) lets each step's nested run say
+    whether the step ran in this pipeline run or was reused from an earlier one.
 
     Raises:
         RegistryUnavailable: the MLflow store did not answer (the register task retries).
@@ -244,6 +274,7 @@ def register_step(
             evaluation,
             flow_run_id,
             deployment_id,
+            pipeline_started_ms,
         )
     return {**asdict(release), "tags": tags, "created": True}
 
@@ -274,6 +305,7 @@ def _register_new(
     evaluation: dict,
     flow_run_id: str | None,
     deployment_id: str | None,
+    pipeline_started_ms: int | None,
 ):
     from mergeme.registry.lineage_run import step_records
     from mergeme.registry.release_lineage import dvc_data_md5s, release_data, release_tags
@@ -298,7 +330,9 @@ def _register_new(
             artifacts=[config_copy, *_evidence_files(validation, evaluation)],
             tags=tags,
             run_name=f"{config.registry.model_name}-{flow_run_id or 'local'}",
-            steps=step_records(config, fetched, validation, merged, calibrated, evaluation),
+            steps=step_records(
+                config, fetched, validation, merged, calibrated, evaluation, pipeline_started_ms
+            ),
             data=release_data(config, dvc_md5, uncommitted),
             # in the run before the version exists, so a registered release never lacks them
             log_more=lambda run_id: log_loss_curves(run_id, curves),

@@ -24,6 +24,7 @@ def register_moe(
     merged: dict,
     calibrated: dict,
     evaluation: dict,
+    pipeline_started_ms: int | None = None,
 ) -> dict:
     """Register the MoE in MLflow with its lineage; retried, as the registry may be remote."""
     return register_step(
@@ -37,4 +38,5 @@ def register_moe(
         evaluation,
         flow_run.get_id(),
         deployment.get_id(),
+        pipeline_started_ms,
     )

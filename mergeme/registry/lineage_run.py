@@ -3,7 +3,8 @@ and eval data as MLflow dataset inputs.
 
 The parent run (one per pipeline run) is opened by ``register_release``; the records here are
 built from the steps' outputs, so a step whose result came from the Prefect cache is recorded
-with the same facts as when it ran (its ``mergeme.reused`` tag says so).
+with the same facts and the same start and end times as when it ran, and its
+``mergeme.reused`` tag says so.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,20 @@ class StepRecord:
     params: dict[str, str]
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    # when the step ran (epoch ms), if its output says; None: recorded at logging time
+    started_ms: int | None = None
+    finished_ms: int | None = None
+
+
+def _timed(record: StepRecord, output: dict, pipeline_started_ms: int | None) -> StepRecord:
+    """``record`` with the times of ``output`` (see ``pipeline.timed_step``) and, given when
+    the pipeline run began, a ``mergeme.reused`` tag: true when the step ran before it."""
+    timing = output.get("timing") or {}
+    started, finished = timing.get("started_ms"), timing.get("finished_ms")
+    tags = dict(record.tags)
+    if started is not None and pipeline_started_ms is not None:
+        tags["mergeme.reused"] = str(started < pipeline_started_ms).lower()
+    return StepRecord(record.params, record.metrics, tags, started, finished)
 
 
 @dataclass(frozen=True)
@@ -48,15 +64,17 @@ def step_records(
     merged: dict,
     calibrated: dict,
     evaluation: dict,
+    pipeline_started_ms: int | None = None,
 ) -> dict[str, StepRecord]:
-    """A record per step, in pipeline order, from the step outputs."""
+    """A record per step, in pipeline order, from the step outputs; ``pipeline_started_ms``
+    (when this pipeline run began) marks the steps reused from an earlier run."""
     fetch_params = {}
     for item in fetched:
         for key in ("source", "resolved", "content_hash", "weights_hash"):
             if key in item:
                 fetch_params[f"{item['role']}.{item['name']}.{key}"] = item[key]
     layers = calibrated.get("max_cosine_between_rows", [])
-    return {
+    records = {
         "fetch": StepRecord(fetch_params, {"checkpoints": float(len(fetched))}),
         "validate": StepRecord(
             {"checks": "tensor stats, Great Expectations suite"},
@@ -84,24 +102,43 @@ def step_records(
             dict(evaluation["metrics"]),
         ),
     }
+    # fetch runs in every pipeline run and its output carries no times
+    outputs = {"validate": validation, "merge": merged, "calibrate": calibrated}
+    outputs["evaluate"] = evaluation
+    for step, output in outputs.items():
+        records[step] = _timed(records[step], output, pipeline_started_ms)
+    return records
 
 
 def log_step_runs(records: dict[str, StepRecord], parent_run_id: str) -> dict[str, str]:
-    """Log each record as a run nested in the active parent run; returns step -> run id."""
-    import mlflow
+    """Log each record as a run nested in ``parent_run_id``, spanning the step's own start
+    and end times when the record has them; returns step -> run id."""
+    from mlflow.entities import Metric, Param
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
     run_ids = {}
     for step, record in records.items():
-        with mlflow.start_run(
-            experiment_id=experiment_id, run_name=step, nested=True, parent_run_id=parent_run_id
-        ) as run:
-            # a fetch record holds each source, which may carry a token
-            mlflow.log_params(redact_mapping(record.params))
-            if record.metrics:
-                mlflow.log_metrics(record.metrics)
-            mlflow.set_tags(redact_mapping({"mergeme.step": step, **record.tags}))
-            run_ids[step] = run.info.run_id
+        # a fetch record holds each source, which may carry a token
+        tags = redact_mapping({"mergeme.step": step, **record.tags})
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+        run = client.create_run(
+            experiment_id, start_time=record.started_ms, tags=tags, run_name=step
+        )
+        run_id = run.info.run_id
+        params = [Param(k, v) for k, v in redact_mapping(record.params).items()]
+        ended = record.finished_ms or int(time.time() * 1000)
+        metrics = [Metric(k, float(v), ended, 0) for k, v in record.metrics.items()]
+        # MLflow takes at most 100 params and 1000 metrics per batch
+        for start in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[start : start + 100])
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        client.set_terminated(run_id, "FINISHED", end_time=record.finished_ms)
+        run_ids[step] = run_id
     return run_ids
 
 

@@ -68,6 +68,18 @@ def datasets(run_id: str) -> dict[str, tuple[str, dict]]:
     return found
 
 
+def step_runs(parent_run_id: str) -> dict[str, object]:
+    """``{step: run}`` of the nested step runs of a release run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    return {run.data.tags["mergeme.step"]: run for run in found}
+
+
 def test_first_run_executes_every_step(project):
     _, _, first, states = project
     assert ran(states) == STEPS
@@ -99,6 +111,21 @@ def test_new_calibration_data_reruns_validate_calibrate_evaluate_register_only(p
     assert ran(states) == ["fetch experts", "validate checkpoints", "route-calibrate", "evaluate"]
     assert states["merge"] == "Cached"
     assert again["release"]["created"] is True and new == [again["release"]["version"]]
+
+    # the nested step runs say which steps ran in this pipeline run, with their own times
+    runs = step_runs(again["release"]["run_id"])
+    assert {step: run.data.tags.get("mergeme.reused") for step, run in runs.items()} == {
+        "fetch": None,
+        "validate": "false",
+        "merge": "true",
+        "calibrate": "false",
+        "evaluate": "false",
+    }
+    merge_timing = again["merge"]["timing"]
+    assert runs["merge"].info.start_time == merge_timing["started_ms"]
+    assert runs["merge"].info.end_time == merge_timing["finished_ms"]
+    assert runs["merge"].info.end_time < runs["calibrate"].info.start_time
+    assert all(run.info.status == "FINISHED" for run in runs.values())
 
     # the release records the data as committed now, not as it was
     tags = again["release"]["tags"]
