@@ -21,6 +21,7 @@ ProblemKind = Literal[
     "index_tensor_absent",
     "index_path_escape",
     "shape_config_mismatch",
+    "tensor_unexpected",
     # the tensor statistics suite
     "non_finite",
     "dtype_not_allowed",

@@ -128,7 +128,8 @@ def unsupported_type_problem(inventory: CheckpointInventory) -> Problem | None:
 
 def shape_problems(inventory: CheckpointInventory) -> list[Problem]:
     """Every tensor whose header shape disagrees with ``config.json``, every weight the config
-    implies but the files lack, and every layer beyond ``num_hidden_layers``."""
+    implies but the files lack, every layer beyond ``num_hidden_layers``, and every tensor the
+    config does not imply at all."""
     if inventory.config is None:
         return []  # already reported as config_missing or config_unparseable
     unsupported = unsupported_type_problem(inventory)
@@ -178,6 +179,30 @@ def shape_problems(inventory: CheckpointInventory) -> list[Problem]:
                 "shape_config_mismatch",
                 f"{label}: the weight files hold layers {extra}, beyond num_hidden_layers "
                 f"{layers} in config.json; fix the config or the weights",
+            )
+        )
+    return problems + unexpected_tensor_problems(inventory, expected)
+
+
+def unexpected_tensor_problems(inventory: CheckpointInventory, expected: Shapes) -> list[Problem]:
+    """``tensor_unexpected`` for each tensor in the files (within the configured layers) that
+    the config implies nowhere: a merge would carry it into the MoE as a trunk tensor, and no
+    server would load it. A saved ``lm_head.weight`` beside tied embeddings is allowed."""
+    config, label = inventory.config or {}, f"{inventory.name!r}"
+    layers = config.get("num_hidden_layers", 0)
+    allowed = {"lm_head.weight"} if config.get("tie_word_embeddings", False) else set()
+    problems = []
+    for tensor, entry in sorted(inventory.tensors.items()):
+        index = LAYER_INDEX.match(tensor)
+        beyond = index is not None and int(index.group(1)) >= layers  # reported above
+        if tensor in expected or tensor in allowed or beyond:
+            continue
+        problems.append(
+            Problem(
+                "tensor_unexpected",
+                f"{label}: tensor {tensor!r} in {entry.file.name} is not part of a "
+                f"{config.get('model_type')} model as config.json describes it; remove it from "
+                "the weight files, or fix config.json if the model needs it",
             )
         )
     return problems

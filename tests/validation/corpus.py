@@ -183,6 +183,10 @@ def shapes_disagree_with_config(folder: Path, _family) -> None:
     edit_config(folder, num_key_value_heads=4)
 
 
+def add_stray_tensor(folder: Path, _family) -> None:
+    edit_tensors(folder, lambda tensors: tensors.update({"model.extra.weight": torch.ones(3)}))
+
+
 def remove_config(folder: Path, _family) -> None:
     (folder / "config.json").unlink()
 
@@ -376,6 +380,12 @@ CORPUS = [
         "shapes-disagree-with-config",
         _checkpoint_case(shapes_disagree_with_config),
         _kinds("shape_config_mismatch", "architecture_mismatch"),
+    ),
+    BrokenInput(
+        # the base lacks the tensor too, so the comparison with it names the tensor as well
+        "stray-tensor",
+        _checkpoint_case(add_stray_tensor),
+        _kinds("tensor_unexpected", "tensor_mismatch"),
     ),
     BrokenInput("missing-config", _checkpoint_case(remove_config), _kinds("config_missing")),
     BrokenInput(
