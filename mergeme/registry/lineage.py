@@ -9,20 +9,25 @@ from pathlib import Path
 from mergeme.registry.redact import redact_mapping
 
 
+def _git(folder: Path, *args: str) -> str:
+    """What ``git ARGS`` prints in ``folder``, stripped.
+
+    Raises:
+        OSError: git is not installed.
+        subprocess.CalledProcessError: git failed (e.g. ``folder`` is not in a repository).
+    """
+    command = ["git", *args]
+    return subprocess.run(
+        command, cwd=folder, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def git_revision(folder: Path) -> str:
     """The commit checked out in ``folder`` (``+dirty`` if it has uncommitted changes), or
     ``unknown`` outside a git repository."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit = _git(folder, "rev-parse", "HEAD")
+        dirty = _git(folder, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{commit}+dirty" if dirty else commit
@@ -42,13 +47,7 @@ def package_revision() -> str:
 
     root = Path(mergeme.__file__).resolve().parent.parent
     try:
-        toplevel = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        toplevel = _git(root, "rev-parse", "--show-toplevel")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return git_revision(root) if Path(toplevel).resolve() == root else "unknown"
